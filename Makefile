@@ -1,0 +1,35 @@
+# Two commands: `make run` (the main job on the embedded default) and `make test`.
+# Each sets up .venv when missing. torch is installed first, pinned, from the local CPU
+# build: a range would pull a multi-GB CUDA build here. The package itself asks for a range.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test setup bench clean
+
+$(STAMP): pyproject.toml requirements/offline-resources.txt requirements/test.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-deps -r requirements/offline-resources.txt
+	$(BIN)/python -m pip install -q -r requirements/test.txt
+	$(BIN)/python -m pip install -q -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/peftlab train
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,508 @@
+"""The core: attach adapters to a model, merge them, switch them, take them off.
+
+The model is never wrapped or subclassed, and its own state-dict keys never change. At each
+chosen site (a host layer such as `encoder.layer.0.attention.self.query`) attach adds
+
+    host.adapters            an `AdapterSlot` (a ModuleDict: adapter name -> Adapter)
+    host.forward             an instance attribute that routes through the slot
+
+so adapter parameters appear under `<site>.adapters.<name>.*` and removing both restores
+the layer exactly. Model-wide bookkeeping (configs, active set, flags to restore) lives in
+one `State` object at `model._peftlab`.
+
+An `Adapter` is one method's change at one site: a fast path `forward(host, x, base)` and,
+when the method has one, a weight form W' = f(W) used by merge. The contract tests prove
+fast path == merged path for every method.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .errors import PeftlabError
+from .hosts import HostKind, host_kind
+from .registry import MethodConfig, Site
+from .targets import matches, overrides_for, select
+
+ADAPTERS = "adapters"  # the child module name under each host
+
+
+class Adapter(nn.Module):
+    """One method's change at one site. Methods subclass this and declare what they can do.
+
+    forward(host, x, base) -> y    the fast path; `base(x)` is the host's output without this adapter
+    delta_weight() -> (out, in)    additive methods: W' = W + delta
+    merged_weight(W) -> (out, in)  every method with a weight form: W' = f(W)
+    residual() -> (out, in)        methods that move part of W0 into the adapter (PiSSA, OLoRA):
+                                   while attached the host holds W0 - residual
+    """
+
+    weight_form: ClassVar[bool] = True  # merge is possible
+    additive: ClassVar[bool] = True  # merged_weight(W) == W + delta_weight(): unmerge may subtract
+    identity_at_init: ClassVar[bool] = True  # output unchanged right after attach
+    has_residual: ClassVar[bool] = False  # attach rewrites the host weight to W0 - residual()
+
+    def __init__(self, kind: HostKind):
+        super().__init__()
+        self.kind = kind
+
+    def delta_weight(self) -> Tensor:
+        raise PeftlabError(f"{type(self).__name__} has no additive weight form")
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def residual(self) -> Tensor:
+        raise PeftlabError(f"{type(self).__name__} moves no part of the base weight")
+
+
+@dataclass
+class Group:
+    """Every adapter attached under one name."""
+
+    config: MethodConfig
+    sites: dict[str, Adapter]  # site name -> adapter
+    trainable: dict[str, bool]  # parameter name -> requires_grad as built (restored on set_active)
+
+
+@dataclass
+class State:
+    """Model-wide bookkeeping, kept at `model._peftlab`."""
+
+    groups: dict[str, Group] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    disabled: bool = False
+    routing: list[str | None] | None = None  # per-example adapter names for a mixed batch
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # the model's flags before attach
+    also_train: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # group -> original values
+
+
+class AdapterSlot(nn.ModuleDict):
+    """The adapters of one host, and the forward that runs them.
+
+    `history` is a stack of weight snapshots (reason, adapter name, weight) pushed by
+    operations that rewrite the host weight (merge, residual attach) and popped to undo them
+    exactly; undoing out of order is refused rather than guessed.
+    """
+
+    def __init__(self, host: nn.Module, kind: HostKind, state: State):
+        super().__init__()
+        self.__dict__["host"] = host  # plain references: not submodules, not in the state dict
+        self.__dict__["state"] = state
+        self.kind = kind
+        self.merged: list[str] = []
+        self.history: list[tuple[str, str, Tensor | None]] = []
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def host_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        state = self.state
+        if state.routing is not None:
+            return self._routed(x, state.routing, *args, **kwargs)
+        if state.disabled:
+            if self.merged:
+                raise PeftlabError("adapters are merged into the weights: unmerge before using disabled()")
+            return self._run(x, [], *args, **kwargs)
+        return self._run(x, [n for n in state.active if n in self and n not in self.merged], *args, **kwargs)
+
+    def _run(self, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
+        host = self.host
+        # Residual adapters that are off must give back the part of W0 they hold.
+        returned = [self[n] for n in self if self[n].has_residual and n not in names and n not in self.merged]
+        if returned:
+            weight = self.kind.matrix(host) + sum(a.residual() for a in returned)
+            base: Callable[[Tensor], Tensor] = lambda inp: self.kind.forward_with(host, inp, weight)
+        else:
+            base = lambda inp: type(host).forward(host, inp, *args, **kwargs)
+        for name in names:
+            base = _chain(self[name], host, base)
+        return base(x)
+
+    def _routed(self, x: Tensor, routing: list[str | None], *args: Any, **kwargs: Any) -> Tensor:
+        if self.merged:
+            raise PeftlabError("a mixed-adapter batch needs unmerged adapters: call peftlab.unmerge(model) first")
+        if len(routing) != x.shape[0]:
+            raise PeftlabError(f"per_example got {len(routing)} names for a batch of {x.shape[0]} examples")
+        out = None
+        for name in dict.fromkeys(routing):
+            rows = torch.tensor([i for i, n in enumerate(routing) if n == name], device=x.device)
+            part = self._run(x.index_select(0, rows), [name] if name in self else [], *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[rows] = part
+        return out
+
+
+def _chain(adapter: Adapter, host: nn.Module, base: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    return lambda inp: adapter(host, inp, base)
+
+
+# ---- model-level helpers -------------------------------------------------------------------
+
+
+def _state(model: nn.Module, create: bool = False) -> State:
+    state = model.__dict__.get("_peftlab")
+    if state is None:
+        if not create:
+            raise PeftlabError("this model has no peftlab adapters: call peftlab.attach(model, config) first")
+        state = State()
+        model.__dict__["_peftlab"] = state
+    return state
+
+
+def _slot(host: nn.Module) -> AdapterSlot | None:
+    slot = host._modules.get(ADAPTERS)
+    return slot if isinstance(slot, AdapterSlot) else None
+
+
+def _names(state: State, name: str | Iterable[str] | None) -> list[str]:
+    if name is None:
+        return list(state.groups)
+    names = [name] if isinstance(name, str) else list(name)
+    for n in names:
+        if n not in state.groups:
+            raise PeftlabError(f"no adapter named {n!r}; attached: {list(state.groups)}")
+    return names
+
+
+def _sites(model: nn.Module, config: MethodConfig) -> list[Site]:
+    """The sites a config selects, each checked against what the method supports."""
+    modules = dict(model.named_modules())
+    sites, unsupported = [], []
+    for name in select(model, config.targets, config.exclude):
+        module = modules[name]
+        kind = host_kind(module)
+        if kind is None:
+            if isinstance(getattr(module, "weight", None), nn.Parameter):
+                unsupported.append(f"{name} ({type(module).__name__})")
+            continue  # a container matched by a glob: its children are the sites
+        if kind.name not in config.hosts:
+            unsupported.append(f"{name} ({kind.name})")
+            continue
+        sites.append(Site(name, module, kind))
+    if unsupported:
+        raise PeftlabError(
+            f"method {config.method!r} supports {', '.join(config.hosts)} layers, but targets also matched: "
+            f"{', '.join(unsupported[:6])}{' ...' if len(unsupported) > 6 else ''}. Narrow targets or add them to exclude"
+        )
+    if not sites:
+        raise PeftlabError(f"targets {config.targets!r} matched only containers, no layer with a weight")
+    return sites
+
+
+def _also_train_params(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parameter]:
+    if not patterns:
+        return {}
+    modules = dict(model.named_modules())
+    params = {}
+    for name in _select_any(model, patterns):
+        for pname, p in modules[name].named_parameters():
+            params[f"{name}.{pname}"] = p
+    return params
+
+
+def _select_any(model: nn.Module, patterns: list[str]) -> list[str]:
+    # also_train may name any module (a head, a LayerNorm), not only adaptable layers;
+    # keep the outermost match so a parameter is never listed twice.
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if name and any(matches(p, name, module) for p in patterns):
+            if not any(name.startswith(c + ".") for c in chosen):
+                chosen.append(name)
+    if not chosen:
+        raise PeftlabError(f"also_train {patterns!r} matched no module; e.g. also_train=['classifier']")
+    return chosen
+
+
+# ---- the public operations -----------------------------------------------------------------
+
+
+def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibration: Any = None,
+           *, state_dict: dict[str, Tensor] | None = None) -> nn.Module:
+    """Attach `config`'s method to the sites it targets, under `name`. In place; returns model.
+
+    Everything is built and checked before the model is touched, so a failure leaves the
+    model exactly as it was. `state_dict` (used by peftlab.load) fills the adapters with saved
+    values instead of running the method's initialisation.
+    """
+    if not isinstance(config, MethodConfig):
+        raise PeftlabError(f"attach needs a method config such as peftlab.LoRA(...), got {type(config).__name__}")
+    existing = model.__dict__.get("_peftlab")
+    if existing is not None and name in existing.groups:
+        raise PeftlabError(f"an adapter named {name!r} is attached already: pick another name or detach it")
+    if not name or "." in name:
+        raise PeftlabError(f"adapter name {name!r} must be non-empty and contain no '.'")
+
+    sites = _sites(model, config)
+    per_site = {s.name: config.at_site(overrides_for(s.name, s.host, config.overrides)) for s in sites}
+    for s in sites:
+        per_site[s.name].validate_site(s)
+        if ADAPTERS in s.host.__dict__ or (ADAPTERS in s.host._modules and _slot(s.host) is None):
+            raise PeftlabError(f"{s.name} already has an attribute {ADAPTERS!r}; peftlab cannot attach there")
+    also = _also_train_params(model, list(config.also_train))
+
+    initialize = state_dict is None
+    stats: dict[str, Any] = {}
+    if config.needs_calibration and initialize:
+        if calibration is None:
+            raise PeftlabError(
+                f"method {config.method!r} initialises from data: pass calibration=<iterable of model input batches>"
+            )
+        stats = config.calibrate(model, sites, calibration)
+    built = {s.name: per_site[s.name].build(s, stats.get(s.name), initialize) for s in sites}
+    if state_dict is not None:
+        _fill(built, state_dict, name)
+
+    # ---- from here on nothing can fail on bad input: install ----
+    state = _state(model, create=True)
+    if not state.groups:
+        state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for s in sites:
+        slot = _slot(s.host)
+        if slot is None:
+            slot = AdapterSlot(s.host, s.kind, state)
+            s.host.add_module(ADAPTERS, slot)
+            s.host.__dict__["forward"] = slot.host_forward
+        adapter = built[s.name].to(device=s.kind.matrix(s.host).device)
+        if adapter.has_residual:
+            weight = s.kind.matrix(s.host)
+            slot.history.append(("residual", name, weight.detach().clone()))
+            s.kind.write(s.host, weight - adapter.residual().to(weight.dtype))
+        slot[name] = adapter
+    state.also_train[name] = {k: p.detach().clone() for k, p in also.items()}
+    for p in also.values():
+        p.requires_grad_(True)
+    trainable = {f"{site}.{ADAPTERS}.{name}.{k}": p.requires_grad
+                 for site, a in built.items() for k, p in a.named_parameters()}
+    state.groups[name] = Group(config, built, trainable)
+    state.active.append(name)
+    return model
+
+
+def _fill(built: dict[str, Adapter], state_dict: dict[str, Tensor], name: str) -> None:
+    """Load saved values into freshly built adapters, checking every key and shape first."""
+    expected = {f"{site}.{ADAPTERS}.{name}.{k}": t for site, a in built.items() for k, t in a.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise PeftlabError(f"saved adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}: it was made for another model or config")
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise PeftlabError(
+                f"saved tensor {key} has shape {tuple(state_dict[key].shape)}, this model needs {tuple(tensor.shape)}: "
+                "the adapter was made for another model"
+            )
+    for site, adapter in built.items():
+        prefix = f"{site}.{ADAPTERS}.{name}."
+        adapter.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=False)
+
+
+def detach(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Module:
+    """Remove adapters (all when name is None) and restore what they changed, exactly."""
+    state = _state(model)
+    names = _names(state, name)
+    # Undo in reverse order of attach so weight snapshots pop from the top of each stack.
+    for n in reversed([g for g in state.groups if g in names]):
+        unmerge(model, n)
+        group = state.groups[n]
+        for site in group.sites:
+            slot = _slot(model.get_submodule(site))
+            adapter = slot[n]
+            if adapter.has_residual:
+                _restore(slot, "residual", n)
+            del slot[n]
+            if not len(slot):
+                host = slot.host
+                del host._modules[ADAPTERS]
+                del host.__dict__["forward"]
+        _put_back(model, state.also_train.pop(n))
+        del state.groups[n]
+        if n in state.active:
+            state.active.remove(n)
+    if not state.groups:
+        for pname, p in model.named_parameters():
+            p.requires_grad_(state.requires_grad.get(pname, p.requires_grad))
+        del model.__dict__["_peftlab"]
+    return model
+
+
+def _put_back(model: nn.Module, values: dict[str, Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in values.items():
+            params[k].copy_(v)
+
+
+def _restore(slot: AdapterSlot, reason: str, name: str) -> None:
+    if not slot.history or slot.history[-1][:2] != (reason, name):
+        top = slot.history[-1][:2] if slot.history else None
+        raise PeftlabError(
+            f"cannot undo {reason} of {name!r} on {type(slot.host).__name__}: {top} was applied after it; "
+            "undo in reverse order (unmerge/detach the later adapter first)"
+        )
+    _, _, weight = slot.history.pop()
+    if weight is not None:
+        slot.kind.write(slot.host, weight)
+    else:  # merged without a snapshot: additive methods subtract their delta
+        slot.kind.write(slot.host, slot.kind.matrix(slot.host) - slot[name].delta_weight())
+
+
+def merge(model: nn.Module, name: str | Iterable[str] | None = None, keep_original: bool = True) -> nn.Module:
+    """Write adapters into the host weights: W <- f(W). Later forwards skip them.
+
+    With keep_original (the default) the pre-merge weight is kept so unmerge is exact; without
+    it memory is saved and unmerge subtracts the delta (additive methods only).
+    """
+    state = _state(model)
+    names = _names(state, name)
+    for n in names:  # refuse before touching anything
+        group = state.groups[n]
+        weightless = [a for a in group.sites.values() if not a.weight_form]
+        if weightless:
+            raise PeftlabError(f"adapter {n!r} ({group.config.method}) has no weight form and cannot be merged; "
+                               "keep it unmerged, or export with format='peftlab'")
+        if not keep_original and not all(a.additive for a in group.sites.values()):
+            raise PeftlabError(f"adapter {n!r} is not additive: merge it with keep_original=True to unmerge later")
+    with torch.no_grad():
+        for n in names:
+            for site, adapter in state.groups[n].sites.items():
+                slot = _slot(model.get_submodule(site))
+                if n in slot.merged:
+                    continue
+                weight = slot.kind.matrix(slot.host)
+                slot.history.append(("merge", n, weight.detach().clone() if keep_original else None))
+                slot.kind.write(slot.host, adapter.merged_weight(weight))
+                slot.merged.append(n)
+    return model
+
+
+def unmerge(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Module:
+    """Undo merge: the host weights return to what they were before (exactly, by default)."""
+    state = _state(model)
+    names = _names(state, name)
+    with torch.no_grad():
+        for site, slot in _slots(model):
+            for n in reversed(list(slot.merged)):
+                if n in names:
+                    _restore(slot, "merge", n)
+                    slot.merged.remove(n)
+    return model
+
+
+def _slots(model: nn.Module) -> Iterator[tuple[str, AdapterSlot]]:
+    for site, module in model.named_modules():
+        slot = _slot(module)
+        if slot is not None:
+            yield site, slot
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Within the block the model computes as the base model (also_train modules included)."""
+    state = _state(model)
+    trained = {}
+    for values in state.also_train.values():
+        params = dict(model.named_parameters())
+        trained.update({k: params[k].detach().clone() for k in values})
+        _put_back(model, values)
+    state.disabled = True
+    try:
+        yield model
+    finally:
+        state.disabled = False
+        _put_back(model, trained)
+
+
+def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Choose which attached adapters run (in attach order); only active ones train."""
+    state = _state(model)
+    wanted = _names(state, names)
+    state.active = [n for n in state.groups if n in wanted]
+    params = dict(model.named_parameters())
+    for n, group in state.groups.items():
+        for pname, flag in group.trainable.items():
+            params[pname].requires_grad_(flag and n in wanted)
+
+
+@contextlib.contextmanager
+def per_example(model: nn.Module, names: list[str | None]):
+    """A mixed batch: example i runs through adapter names[i] alone (None: the base model)."""
+    state = _state(model)
+    unknown = {n for n in names if n is not None and n not in state.groups}
+    if unknown:
+        raise PeftlabError(f"per_example names unknown adapters {sorted(unknown)}; attached: {list(state.groups)}")
+    state.routing = list(names)
+    try:
+        yield model
+    finally:
+        state.routing = None
+
+
+def adapters(model: nn.Module, name: str) -> dict[str, Adapter]:
+    """Site name -> adapter for one attached name."""
+    state = _state(model)
+    return state.groups[_names(state, name)[0]].sites
+
+
+def configs(model: nn.Module) -> dict[str, MethodConfig]:
+    """Attached adapter names -> their configs, in attach order."""
+    state = model.__dict__.get("_peftlab")
+    return {n: g.config for n, g in state.groups.items()} if state else {}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter that will receive gradients, by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def step(model: nn.Module, step: int) -> None:
+    """Call after each optimizer step: methods that change during training act here."""
+    state = _state(model)
+    for n in state.active:
+        group = state.groups[n]
+        if group.config.step_hook:
+            group.config.after_step(group.sites, step)
+
+
+def regularization(model: nn.Module) -> Tensor | None:
+    """The sum of the active methods' regularisers (None if none adds one)."""
+    state = _state(model)
+    terms = [state.groups[n].config.loss(state.groups[n].sites) for n in state.active
+             if state.groups[n].config.adds_loss]
+    terms = [t for t in terms if t is not None]
+    return torch.stack(terms).sum() if terms else None
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Optimizer parameter groups: each active method's own, then also_train parameters."""
+    state = _state(model)
+    groups = [g for n in state.active for g in state.groups[n].config.param_groups(state.groups[n].sites, lr)]
+    params = dict(model.named_parameters())
+    extra = [params[k] for n in state.active for k in state.also_train[n] if params[k].requires_grad]
+    if extra:
+        groups.append({"params": extra, "lr": lr})
+    return [g for g in groups if g["params"]]
+
+
+def summary(model: nn.Module) -> str:
+    """A table of sites, methods and trainable parameters, with their share of the total."""
+    state = model.__dict__.get("_peftlab")
+    total = sum(p.numel() for p in model.parameters())
+    rows = [("adapter", "method", "sites", "trainable", "share")]
+    if state:
+        params = dict(model.named_parameters())
+        for n, group in state.groups.items():
+            count = sum(params[k].numel() for k, flag in group.trainable.items() if flag)
+            count += sum(v.numel() for v in state.also_train[n].values())
+            rows.append((n + ("" if n in state.active else " (off)"), group.config.method, str(len(group.sites)),
+                         f"{count:,}", f"{100 * count / total:.3f}%"))
+    trainable = sum(p.numel() for p in trainable_parameters(model).values())
+    rows.append(("trainable now", "", "", f"{trainable:,}", f"{100 * trainable / total:.3f}%"))
+    rows.append(("total", "", "", f"{total:,}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

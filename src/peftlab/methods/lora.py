@@ -1,0 +1,140 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, arXiv 2106.09685), with its initialisations.
+
+    h = W0 x + s * B A dropout(x)          W' = W0 + s * B @ A          s = alpha / r
+                                                                 (rsLoRA: s = alpha / sqrt(r))
+    A: (r, in), B: (out, r). Trained: A and B. W0 is frozen.
+
+Initialisations (`init`):
+    "kaiming"   A ~ kaiming-uniform(a=sqrt(5)), B = 0            (Hu et al.; `peft`'s default)
+    "gaussian"  A ~ N(0, 1/r^2), B = 0                             (as `peft`'s "gaussian")
+    "pissa"     top-r SVD of W0 = U S V^T:  B = U_r S_r^(1/2)/sqrt(s), A = S_r^(1/2) V_r^T/sqrt(s)
+                (Meng et al. 2024, arXiv 2404.02948); `svd_niter` switches to a fast randomised SVD
+    "olora"     QR of W0: B = Q[:, :r], A = R[:r]                  (Büyükakyüz 2024, arXiv 2406.01775)
+
+PiSSA and OLoRA move s*B0@A0 out of the frozen weight (the host holds W0 - s*B0@A0 while the
+adapter is attached) so the output at init is unchanged; the initial factors B0, A0 are kept
+as buffers, so a saved adapter re-applies to the original base weights.
+
+On nn.Embedding the input is an index: A acts as a lookup table, dropout does not apply, and,
+as in `peft`, A starts at 0 and B ~ N(0, 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Adapter
+from ..errors import PeftlabError
+from ..hosts import ALL_KINDS, HostKind
+from ..registry import MethodConfig, Site, register
+
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+
+
+class LoRAAdapter(Adapter):
+    def __init__(self, kind: HostKind, in_features: int, out_features: int, r: int, scale: float,
+                 dropout: float, dtype: torch.dtype):
+        super().__init__(kind)
+        self.scale = scale
+        self.A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype))  # (r, in)
+        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and not kind.index_input else nn.Identity()
+        self.has_residual = False
+
+    def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
+        h = self.kind.apply_in(host, self.dropout(x), self.A)  # (..., r); (N, r, H, W) for conv
+        return base(x) + self.kind.apply_out(host, h, self.B) * self.scale
+
+    def delta_weight(self) -> Tensor:
+        return self.scale * (self.B @ self.A)  # (out, in)
+
+    def keep_initial_factors(self) -> None:
+        """For SVD/QR inits: remember B0, A0; the host gives up s*B0@A0 while attached."""
+        self.register_buffer("A0", self.A.detach().clone())
+        self.register_buffer("B0", self.B.detach().clone())
+        self.has_residual = True
+
+    def residual(self) -> Tensor:
+        return self.scale * (self.B0 @ self.A0)
+
+
+def initialise(adapter: LoRAAdapter, init: str, weight: Tensor, svd_niter: int | None) -> None:
+    """Fill A and B in place. `weight` is the host matrix W0, (out, in)."""
+    A, B, s, r = adapter.A, adapter.B, adapter.scale, adapter.A.shape[0]
+    with torch.no_grad():
+        if adapter.kind.index_input:
+            A.zero_()
+            nn.init.normal_(B)
+            return
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            B.zero_()
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+            B.zero_()
+        elif init == "pissa":
+            w = weight.detach().float()
+            if svd_niter is None:
+                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:
+                U, S, V = torch.svd_lowrank(w, r, niter=svd_niter)
+                Vh = V.T
+            S = S / s  # so that s * B @ A equals the top-r part of W0
+            A.copy_(torch.diag(S.sqrt()) @ Vh)
+            B.copy_(U @ torch.diag(S.sqrt()))
+        elif init == "olora":
+            Q, R = torch.linalg.qr(weight.detach().float())
+            A.copy_(R[:r])
+            B.copy_(Q[:, :r])
+    if init in ("pissa", "olora"):
+        adapter.keep_initial_factors()
+
+
+@register("lora", pissa={"init": "pissa"}, olora={"init": "olora"}, rslora={"rslora": True})
+@dataclass
+class LoRA(MethodConfig):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: str = "kaiming"
+    rslora: bool = False
+    svd_niter: int | None = None  # PiSSA: None = exact SVD, else iterations of a randomised SVD
+
+    hosts = ALL_KINDS
+    trainable_formula = "r * (in + out) per site"
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise PeftlabError(f"LoRA r must be a positive integer, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise PeftlabError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise PeftlabError(f"LoRA init {self.init!r} is unknown; choose one of {INITS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def validate_site(self, site: Site) -> None:
+        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
+        if self.r > min(fan_in, fan_out):
+            raise PeftlabError(
+                f"rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
+                f"use r <= {min(fan_in, fan_out)}, or an override for this site"
+            )
+        if self.init in ("pissa", "olora") and site.kind.index_input:
+            raise PeftlabError(f"init {self.init!r} needs a weight matrix input; {site.name} is an embedding: exclude it")
+
+    def build(self, site: Site, stats=None, initialize: bool = True) -> LoRAAdapter:
+        weight = site.kind.matrix(site.host)
+        adapter = LoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.scale, self.dropout,
+                              weight.dtype)
+        if initialize:
+            initialise(adapter, self.init, weight, self.svd_niter)
+        elif self.init in ("pissa", "olora"):
+            adapter.keep_initial_factors()  # shapes only: the saved values fill them
+        return adapter

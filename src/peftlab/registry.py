@@ -1,0 +1,184 @@
+"""Method configs, the registry of methods, and config <-> JSON.
+
+A method is one dataclass, named after it (`LoRA`, `DoRA`, ...), decorated with
+`@register("lora")`. The dataclass holds the method's hyperparameters plus the fields every
+method shares (where to attach, what else to train) and knows how to build its adapter at
+one site. That is all the core needs to know about a method:
+
+    hosts            which layer kinds it supports ("linear", "conv1d", "embedding", "conv2d")
+    build(...)       the adapter module for one site
+    calibrate(...)   optional: statistics from calibration batches, before any build
+    after_step(...)  optional: called by training after each optimizer step
+    loss(...)        optional: a regulariser the training loss adds
+    param_groups(...) optional: optimizer parameter groups (e.g. a different lr for B)
+
+Capabilities are declared with class attributes (`needs_calibration`, `step_hook`,
+`adds_loss`), never discovered with hasattr.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from .errors import PeftlabError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor, nn
+
+    from .core import Adapter
+    from .hosts import HostKind
+
+
+@dataclass
+class Site:
+    """One place an adapter attaches to: the host module, its name and its kind."""
+
+    name: str
+    host: "nn.Module"
+    kind: "HostKind"
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. Subclasses add their hyperparameters after these."""
+
+    targets: Any = None  # see peftlab.targets: names, globs, "re:" regexes, "all-linear", callables
+    exclude: Any = None
+    overrides: dict = field(default_factory=dict)  # {pattern: {field: value}} per-site values
+    also_train: list = field(default_factory=list)  # modules trained in full and saved, e.g. ["classifier"]
+
+    method: ClassVar[str] = ""  # the registry name, set by @register
+    hosts: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    needs_calibration: ClassVar[bool] = False
+    step_hook: ClassVar[bool] = False
+    adds_loss: ClassVar[bool] = False
+    # One line for `peftlab methods`: trainable parameters per site.
+    trainable_formula: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check field values; raise PeftlabError naming the field and what is allowed."""
+
+    def validate_site(self, site: Site) -> None:
+        """Check this config against one host (e.g. rank against the layer's size)."""
+
+    def build(self, site: Site, stats: Any = None, initialize: bool = True) -> "Adapter":
+        raise PeftlabError(f"method {self.method!r} does not build adapters")
+
+    def calibrate(self, model: "nn.Module", sites: list[Site], calibration: Any) -> dict[str, Any]:
+        """Per-site statistics from calibration batches; only called when needs_calibration."""
+        return {}
+
+    def after_step(self, adapters: dict[str, "Adapter"], step: int) -> None:
+        """Called after each optimizer step when step_hook is True."""
+
+    def loss(self, adapters: dict[str, "Adapter"]) -> "Tensor | None":
+        """A regulariser added to the training loss when adds_loss is True."""
+        return None
+
+    def param_groups(self, adapters: dict[str, "Adapter"], lr: float) -> list[dict]:
+        """Optimizer parameter groups for this method's trainable parameters."""
+        params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr}]
+
+    # ---- per-site values and JSON ---------------------------------------------------------
+
+    def at_site(self, overrides: dict[str, Any]) -> "MethodConfig":
+        """This config with one site's overrides applied (validated like the original)."""
+        if not overrides:
+            return self
+        _check_fields(type(self), overrides, where="overrides")
+        return dataclasses.replace(self, **overrides)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if callable(value) or (isinstance(value, (list, tuple)) and any(callable(v) for v in value)):
+                raise PeftlabError(
+                    f"{type(self).__name__}.{f.name} holds a callable, which cannot be saved as JSON: "
+                    "use names, globs or 're:' regexes to save this adapter"
+                )
+            data[f.name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+
+_METHODS: dict[str, type[MethodConfig]] = {}
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register(name: str, **aliases: dict[str, Any]) -> Callable[[type], type]:
+    """Class decorator: make a config dataclass available as `name`.
+
+    `aliases` map further names to preset fields, e.g. register("lora", pissa={"init": "pissa"})
+    lets `peftlab.config("pissa")` build LoRA(init="pissa").
+    """
+
+    def decorate(cls: type) -> type:
+        for n in (name, *aliases):
+            if n in _METHODS or n in _ALIASES:
+                raise RuntimeError(f"method name {n!r} is registered twice")
+        cls.method = name
+        _METHODS[name] = cls
+        for alias, preset in aliases.items():
+            _ALIASES[alias] = (name, dict(preset))
+        return cls
+
+    return decorate
+
+
+def methods() -> list[str]:
+    """Every name `config()` accepts: registered methods and their aliases, sorted."""
+    _load_builtin_methods()
+    return sorted([*_METHODS, *_ALIASES])
+
+
+def method_class(name: str) -> type[MethodConfig]:
+    _load_builtin_methods()
+    if name in _ALIASES:
+        name = _ALIASES[name][0]
+    if name not in _METHODS:
+        raise PeftlabError(f"unknown method {name!r}; registered methods: {', '.join(methods())}")
+    return _METHODS[name]
+
+
+def _check_fields(cls: type, fields: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise PeftlabError(
+            f"{where}: unknown field(s) {unknown} for method {cls.method!r}; allowed: {sorted(known)}"
+        )
+
+
+def config(name: str, **fields: Any) -> MethodConfig:
+    """Build the config of any registered method by its registry name (or alias)."""
+    cls = method_class(name)
+    preset = dict(_ALIASES[name][1]) if name in _ALIASES else {}
+    _check_fields(cls, fields, where=f"config({name!r})")
+    return cls(**{**preset, **fields})
+
+
+def from_json(data: dict[str, Any] | str) -> MethodConfig:
+    """The config saved by `to_json()` (a dict, or its JSON text)."""
+    if isinstance(data, str):
+        data = json.loads(data)
+    if "method" not in data:
+        raise PeftlabError("config JSON has no 'method' key; add e.g. \"method\": \"lora\"")
+    data = dict(data)
+    return config(data.pop("method"), **data)
+
+
+_loaded = False
+
+
+def _load_builtin_methods() -> None:
+    # Importing the methods package registers every method file in it.
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import methods as _  # noqa: F401

@@ -21,3 +21,17 @@ __version__ = "0.1.0"
 # Importing peftlab.methods (the package of method files) binds that package to the name
 # `methods` here; the public function of the same name must win.
 from .registry import methods  # noqa: E402,F811
+
+
+def __getattr__(name: str):
+    """Every registered config class by its class name: peftlab.DoRA, peftlab.VeRA, ...
+
+    Method files register themselves; none of them needs a line in this file.
+    """
+    from .registry import _METHODS, _load_builtin_methods
+
+    _load_builtin_methods()
+    for cls in _METHODS.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

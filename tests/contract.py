@@ -85,8 +85,9 @@ def run_contract(case: Case, tmp_path) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.optim.SGD(trainable.values(), lr=0.1).step()
     after = model.state_dict()
+    trained_storage = {p.data_ptr() for p in trainable.values()}  # tied weights share storage
     for k in before:
-        if k not in trainable:
+        if after[k].data_ptr() not in trained_storage:
             assert torch.equal(before[k], after[k]), f"{k} changed but is not trainable"
     model.eval()
     _perturb(model)

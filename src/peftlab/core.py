@@ -198,10 +198,11 @@ def _also_train_params(model: nn.Module, patterns: list[str]) -> dict[str, nn.Pa
     if not patterns:
         return {}
     modules = dict(model.named_modules())
+    canonical = {id(p): n for n, p in model.named_parameters()}  # tied weights: one name each
     params = {}
     for name in _select_any(model, patterns):
-        for pname, p in modules[name].named_parameters():
-            params[f"{name}.{pname}"] = p
+        for p in modules[name].parameters():
+            params[canonical[id(p)]] = p
     return params
 
 
@@ -269,7 +270,7 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
             slot = AdapterSlot(s.host, s.kind, state)
             s.host.add_module(ADAPTERS, slot)
             s.host.__dict__["forward"] = slot.host_forward
-        adapter = built[s.name].to(device=s.kind.matrix(s.host).device)
+        adapter = built[s.name].to(device=s.kind.matrix(s.host).device).train(s.host.training)
         if adapter.has_residual:
             weight = s.kind.matrix(s.host)
             slot.history.append(("residual", name, weight.detach().clone()))

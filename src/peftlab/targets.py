@@ -58,12 +58,14 @@ def adaptable_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if name and host_kind(module) is not None]
 
 
-def _examples(model: nn.Module, limit: int = 8) -> str:
-    names = adaptable_names(model)
-    # Show a spread over the model, not only its first layer.
-    step = max(1, len(names) // limit)
-    shown = names[::step][:limit]
-    return ", ".join(shown) + (" ..." if len(names) > len(shown) else "")
+def _examples(model: nn.Module, limit: int = 12) -> str:
+    """What a user can target: distinct last name components, each with one full name."""
+    first: dict[str, str] = {}
+    for name in adaptable_names(model):
+        first.setdefault(name.rsplit(".", 1)[-1], name)
+    shown = list(first.items())[:limit]
+    more = " ..." if len(first) > limit else ""
+    return ", ".join(f"{short} (e.g. {full})" for short, full in shown) + more
 
 
 def select(model: nn.Module, targets, exclude=None) -> list[str]:
@@ -84,7 +86,7 @@ def select(model: nn.Module, targets, exclude=None) -> list[str]:
     if not chosen:
         raise PeftlabError(
             f"targets {include!r} matched no module (exclude={skip!r}). "
-            f"Modules with adaptable weights look like: {_examples(model)}"
+            f"Layers this model has: {_examples(model)}"
         )
     return chosen
 

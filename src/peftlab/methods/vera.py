@@ -1,0 +1,132 @@
+"""VeRA: Vector-based Random Matrix Adaptation (Kopiczko, Blankevoort & Asano 2023, arXiv 2310.11454).
+
+    h = W0 x + Λ_b B Λ_d A dropout(x)          W' = W0 + diag(b) B diag(d) A
+
+    A: (r, in), B: (out, r)  frozen random matrices, the same pair for every layer
+    d: (r,), b: (out,)       the only trained parameters (r + out per site)
+
+Initialisation (as the paper and `peft`): A, B ~ kaiming-uniform (gain sqrt(2), fan-in mode)
+drawn from one torch.Generator seeded with `seed` (peft's `projection_prng_key`): first A of
+shape (r, in_max), then B of shape (out_max, r); each layer uses the slices A[:, :in] and
+B[:out, :]. d = d_initial (0.1), b = 0, so the output is unchanged at attach.
+
+Frozen bases are never parameters and never saved: every adapter keeps `seed` and
+`basis_shape` (out_max, in_max) as small persistent buffers and regenerates A and B from
+them on build and after loading. Adapters with equal (seed, shape, r) share one copy of the
+bases in memory.
+
+Choice where peft differs in mechanics: peft sizes the shared pair for the largest targeted
+layer, which needs every site before any adapter exists. Here `basis_shape` says the size;
+with None (the default) each site draws bases of its own shape from the same seed, which is
+exactly peft's pair whenever all targeted layers have one shape (e.g. query/value of a BERT),
+and shared across every layer of that shape otherwise. Set basis_shape=[out_max, in_max] to
+get peft's bases bit for bit on layers of mixed shapes.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core import Adapter
+from ..errors import PeftlabError
+from ..hosts import LINEAR_LIKE, HostKind
+from ..registry import MethodConfig, Site, register
+
+# (seed, out_max, in_max, r, dtype) -> the full-size A or B; views keep their base alive.
+_BASES: "weakref.WeakValueDictionary[tuple, Tensor]" = weakref.WeakValueDictionary()
+
+
+def _kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    # Kaiming-uniform with gain sqrt(2) over the fan-in (the last dimension of a 2-d shape),
+    # drawn from `generator` so the bases depend on the seed alone.
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[-1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def shared_bases(seed: int, out_max: int, in_max: int, r: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The frozen pair for one seed: A (r, in_max), B (out_max, r), drawn in that order."""
+    key_a, key_b = (seed, out_max, in_max, r, dtype, "A"), (seed, out_max, in_max, r, dtype, "B")
+    A, B = _BASES.get(key_a), _BASES.get(key_b)
+    if A is None or B is None:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        A = _kaiming_uniform((r, in_max), generator).to(dtype)
+        B = _kaiming_uniform((out_max, r), generator).to(dtype)
+        _BASES[key_a], _BASES[key_b] = A, B
+    return A, B
+
+
+class VeRAAdapter(Adapter):
+    def __init__(self, kind: HostKind, in_features: int, out_features: int, r: int, seed: int,
+                 basis_shape: tuple[int, int], d_initial: float, dropout: float, dtype: torch.dtype):
+        super().__init__(kind)
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), dtype=dtype))  # scales A's rows
+        self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype))  # scales B's rows; 0: identity
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # What the bases are made from: saved with the adapter, a few bytes.
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.register_buffer("basis_shape", torch.tensor(basis_shape, dtype=torch.int64))
+        self.regenerate_bases()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.regenerate_bases())
+
+    def regenerate_bases(self) -> None:
+        """(Re)build A (r, in) and B (out, r) from the seed buffers: views of the shared pair."""
+        out_max, in_max = self.basis_shape.tolist()
+        A, B = shared_bases(int(self.seed), out_max, in_max, self.r, self.lambda_d.dtype)
+        device = self.lambda_d.device
+        self.register_buffer("A", A[:, : self.in_features].to(device), persistent=False)
+        self.register_buffer("B", B[: self.out_features].to(device), persistent=False)
+
+    def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
+        h = self.kind.apply_in(host, self.dropout(x), self.A) * self.lambda_d  # (..., r)
+        return base(x) + self.kind.apply_out(host, h, self.B) * self.lambda_b  # (..., out)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lambda_b[:, None] * self.B) @ (self.lambda_d[:, None] * self.A)  # (out, in)
+
+
+@register("vera")
+@dataclass
+class VeRA(MethodConfig):
+    r: int = 256
+    d_initial: float = 0.1
+    dropout: float = 0.0
+    seed: int = 0  # peft's projection_prng_key
+    basis_shape: list | None = None  # [out_max, in_max] of the shared bases; None: each site's own shape
+
+    hosts = LINEAR_LIKE
+    trainable_formula = "r + out per site (frozen random A, B regenerated from one seed)"
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise PeftlabError(f"VeRA r must be a positive integer, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise PeftlabError(f"VeRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.basis_shape is not None and (
+            len(self.basis_shape) != 2 or not all(isinstance(n, int) and n > 0 for n in self.basis_shape)
+        ):
+            raise PeftlabError(f"VeRA basis_shape must be [out_max, in_max] (positive integers) or None, "
+                               f"got {self.basis_shape!r}")
+
+    def _shape_at(self, site: Site) -> tuple[int, int]:
+        if self.basis_shape is None:
+            return site.kind.out_features(site.host), site.kind.in_features(site.host)
+        return int(self.basis_shape[0]), int(self.basis_shape[1])
+
+    def validate_site(self, site: Site) -> None:
+        out_features, in_features = site.kind.out_features(site.host), site.kind.in_features(site.host)
+        out_max, in_max = self._shape_at(site)
+        if out_features > out_max or in_features > in_max:
+            raise PeftlabError(
+                f"VeRA basis_shape {[out_max, in_max]} is smaller than {site.name} ({out_features} x {in_features}): "
+                "use basis_shape=None or at least the largest targeted [out, in]"
+            )
+
+    def build(self, site: Site, stats=None, initialize: bool = True) -> VeRAAdapter:
+        weight = site.kind.matrix(site.host)
+        return VeRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.seed, self._shape_at(site),
+                           self.d_initial, self.dropout, weight.dtype)

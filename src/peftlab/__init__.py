@@ -8,13 +8,15 @@
 from .core import (Adapter, adapters, attach, configs, detach, disabled, merge, param_groups, per_example,
                    regularization, set_active, step, summary, trainable_parameters, unmerge)
 from .errors import PeftlabError
+from .io import export_peft, import_peft, load, save
 from .registry import MethodConfig, config, from_json, method_class, methods, register
 from .methods.lora import LoRA
 
 __all__ = [
     "Adapter", "LoRA", "MethodConfig", "PeftlabError", "adapters", "attach", "config", "configs", "detach",
-    "disabled", "from_json", "merge", "method_class", "methods", "param_groups", "per_example", "register",
-    "regularization", "set_active", "step", "summary", "trainable_parameters", "unmerge",
+    "disabled", "export_peft", "from_json", "import_peft", "load", "merge", "method_class", "methods",
+    "param_groups", "per_example", "register", "regularization", "save", "set_active", "step", "summary",
+    "trainable_parameters", "unmerge",
 ]
 __version__ = "0.1.0"
 

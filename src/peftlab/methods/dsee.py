@@ -1,6 +1,7 @@
-"""DSEE: Dually Sparsity-Embedded Efficient tuning (Chen, Chen, Chen, Awadallah, Wang & Cheng
-2021, arXiv 2111.00160; official code VITA-Group/DSEE). The parameter-efficient half: a
-low-rank update plus a sparse update on a fixed support Ω.
+"""DSEE: a low-rank update plus a sparse update on a fixed support chosen from W0.
+
+Dually Sparsity-Embedded Efficient tuning (Chen, Chen, Chen, Awadallah, Wang & Cheng 2021,
+arXiv 2111.00160; official code VITA-Group/DSEE), its parameter-efficient half.
 
     h = W0 x + s * (B A x + S x)            W' = W0 + s * (B @ A + S)        s = alpha / r
     A: (r, in), B: (out, r)                 trained, as LoRA
@@ -11,7 +12,7 @@ attach. The scale s multiplies the sparse part too, as in the official forward.
 
 How Ω is chosen (`support`), from the official `run_glue.py` (`--sparse_method`, default
 "grebsmo"); Ω is chosen once, before training, and never changes:
-    "decomposition"  (default; the paper's and official default) split W0 into low-rank plus
+    "decomposition"  (default, as the official code's "grebsmo") split W0 into low-rank plus
                      sparse, W0 ≈ L + S0, and take the num_sparse largest |S0|: the entries a
                      low-rank structure does not explain. The official code grows L by
                      greedy bilateral smoothing (GreBsmo, Zhou & Tao 2013) up to rank 496 of

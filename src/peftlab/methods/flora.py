@@ -1,6 +1,8 @@
-"""FLoRA: a low-rank core space for N-dimensional weights (Si, Wang, Yang, Xu, Li, Dai, Qiao,
-Yang & Shen 2024, arXiv 2405.14739; official code Chongjie-Si/FLoRA `layers.py`, and the NLP
-version in Chongjie-Si/Subspace-Tuning `peft/tuners/flora.py`).
+"""FLoRA: a Tucker-form update with a small trained core, for linear and conv2d weights.
+
+FLoRA: Low-Rank Core Space for N-dimension (Si, Wang, Yang, Xu, Li, Dai, Qiao, Yang & Shen
+2024, arXiv 2405.14739; official code Chongjie-Si/FLoRA `layers.py`, and the NLP version in
+Chongjie-Si/Subspace-Tuning `peft/tuners/flora.py`).
 
 The update keeps the weight's own shape and is a Tucker decomposition: a small core G times
 one factor matrix per dimension (mode-n products, ×_n):
@@ -95,8 +97,7 @@ class FLoRA(MethodConfig):
     dropout: float = 0.0
 
     hosts = ("linear", "conv1d", "conv2d")
-    trainable_formula = ("r^2 + r*(in + out) per linear site; r^2*rk^2 + r*(cin + out) + rk*(kh + kw) per conv2d site "
-                         "(each rank capped at its dimension)")
+    trainable_formula = "linear: r^2 + r*(in + out); conv2d: r^2*rk^2 + r*(cin + out) + rk*(kh + kw) per site"
 
     def validate(self) -> None:
         for name in ("r", "kernel_r"):

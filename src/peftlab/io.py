@@ -87,8 +87,8 @@ from torch import Tensor, nn
 from . import core
 from .core import ADAPTERS
 from .errors import PeftlabError
-from .hosts import host_kind
-from .registry import MethodConfig, config as make_config, from_json
+from .hosts import HostKind, host_kind
+from .registry import MethodConfig, config as make_config, from_json, method_class
 from .targets import overrides_for
 
 CONFIG_FILE = "adapter_config.json"
@@ -228,7 +228,7 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = FORMAT,
         entries[n] = {"config": group.config.to_json(), "sites": sites,
                       "also_train": {k: list(p.shape) for k, p in also.items()}}
     payload = _tensor_bytes(tensors)
-    from . import __version__
+    from . import __version__  # here, not at the top: the package imports this module while it initialises
 
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "peftlab_version": __version__,
                 "adapters": entries, "active": [n for n in state.active if n in names],
@@ -404,12 +404,12 @@ _DOCUMENT_KEYS = {"format", "format_version", "peftlab_version", "adapters", "ac
 _ENTRY_KEYS = {"config", "sites", "also_train"}
 
 
-def _peftlab_plans(directory: Path, document: dict, name) -> tuple[list[_Plan], list[str]]:
+def _peftlab_plans(directory: Path, document: dict, name: str | Iterable[str] | None) -> tuple[list[_Plan], list[str]]:
     path = directory / CONFIG_FILE
     unknown = sorted(set(document) - _DOCUMENT_KEYS)
     if unknown:
-        raise PeftlabError(f"{path}: unknown field(s) {unknown}; a peftlab adapter config has {sorted(_DOCUMENT_KEYS)}. "
-                           "Remove them, or re-save the adapter")
+        raise PeftlabError(f"{path}: unknown field(s) {unknown}; a peftlab adapter config has "
+                           f"{sorted(_DOCUMENT_KEYS)}. Remove them, or re-save the adapter")
     version = document.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise PeftlabError(f"{path} has format_version {version!r} (written by peftlab "
@@ -656,34 +656,10 @@ def _peft_plan(model: nn.Module, directory: Path, name: str) -> _Plan:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise _no_adapter_files(directory)
-    tensors = _read_tensors(weights)
+    per_site, plain = _split_peft_tensors(_read_tensors(weights), weights, model)
     label = f"adapter {name!r} in {directory}"
 
-    # split the tensors: per-site LoRA factors, and plain parameters (modules_to_save)
-    per_site: dict[str, dict[str, Tensor]] = {}
-    embedding_sites, plain = set(), {}
-    for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise PeftlabError(f"{weights} holds {key!r}, which lacks peft's {PEFT_PREFIX!r} prefix: not a file "
-                               "written by peft's save_pretrained")
-        rest = key[len(PEFT_PREFIX):]
-        suffix = next((s for s in _PEFT_SUFFIXES if rest.endswith(s)), None)
-        if suffix is not None:
-            site = rest[: -len(suffix)]
-            per_site.setdefault(site, {})[_PEFT_SUFFIXES[suffix]] = value
-            if "embedding" in suffix:
-                embedding_sites.add(site)
-        elif ".lora_" in rest:
-            raise PeftlabError(f"{weights} holds {key!r}, a peft LoRA tensor peftlab does not know (lora_bias?); "
-                               "peftlab imports lora_A, lora_B, lora_embedding_A/B and lora_magnitude_vector")
-        else:
-            plain[rest] = value
-    if not per_site:
-        raise PeftlabError(f"{weights} holds no LoRA tensors; {_DAMAGED}")
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}  # sites in model order, unknown ones last
-    per_site = dict(sorted(per_site.items(), key=lambda item: order.get(item[0], len(order))))
-
-    use_dora = bool(document.get("use_dora", False))
+    method = "dora" if document.get("use_dora") else "lora"
     init = document.get("init_lora_weights", True)
     r, alpha = document.get("r", 8), document.get("lora_alpha", 8)
     modules = dict(model.named_modules())
@@ -691,30 +667,23 @@ def _peft_plan(model: nn.Module, directory: Path, name: str) -> _Plan:
     fingerprint: dict[str, tuple[str | None, tuple[int, ...]]] = {}
     overrides: dict[str, dict[str, Any]] = {}
     for site, parts in per_site.items():
-        expected = {"A", "B", "m"} if use_dora else {"A", "B"}
-        if set(parts) != expected:
-            raise PeftlabError(f"{weights}: layer {site!r} has tensors {sorted(parts)}, a "
-                               f"{'DoRA' if use_dora else 'LoRA'} layer needs {sorted(expected)}; {_DAMAGED}")
         module = modules.get(site)
         kind = host_kind(module) if module is not None else None
         if kind is None:
             raise _not_adaptable(label, site, module)
-        if (site in embedding_sites) != kind.index_input:
-            raise PeftlabError(f"{label} was made for another model: {site!r} is a {kind.name} layer here, the file "
-                               "holds the other kind of LoRA tensors for it")
-        # peft's conv factors are 4-d convolutions; peftlab keeps them as matrices
-        A, B = parts["A"].reshape(parts["A"].shape[0], -1), parts["B"].reshape(parts["B"].shape[0], -1)
-        prefix = f"{site}.{ADAPTERS}.{name}."
-        state_dict.update({prefix + "A": A, prefix + "B": B})
-        if use_dora:
-            state_dict[prefix + "m"] = parts["m"].reshape(-1)
+        if kind.name not in method_class(method).hosts:
+            raise PeftlabError(f"{path}: peft's {method} on the {kind.name} layer {site!r} has no peftlab counterpart "
+                               f"(peftlab's {method} adapts {', '.join(method_class(method).hosts)} layers)")
+        state_dict.update(_peftlab_site_tensors(site, name, kind, parts, method == "dora", label, weights))
+        A = state_dict[f"{site}.{ADAPTERS}.{name}.A"]
+        B = state_dict[f"{site}.{ADAPTERS}.{name}.B"]
         fingerprint[site] = (kind.name, (B.shape[0], A.shape[1]))
-        site_r = A.shape[0]
+        # per-site rank (from the tensors, checked against rank_pattern) and alpha, as peft resolves them
+        site_r, site_alpha = A.shape[0], _peft_pattern_value(document.get("alpha_pattern"), site, alpha)
         if _peft_pattern_value(document.get("rank_pattern"), site, r) != site_r:
             raise PeftlabError(f"{weights}: layer {site!r} has rank {site_r} but {CONFIG_FILE} gives it rank "
-                               f"{_peft_pattern_value(document.get('rank_pattern'), site, r)}: the files do not "
+                               f"{_peft_pattern_value(document.get('rank_pattern'), site, r)}: the two files do not "
                                f"belong together; {_DAMAGED}")
-        site_alpha = _peft_pattern_value(document.get("alpha_pattern"), site, alpha)
         differs = {}
         if site_r != r:
             differs["r"] = site_r
@@ -732,11 +701,55 @@ def _peft_plan(model: nn.Module, directory: Path, name: str) -> _Plan:
     if init in _PEFT_RESIDUAL_INITS:
         fields["init"] = init
     try:
-        config = make_config("dora" if use_dora else "lora", **fields)
+        config = make_config(method, **fields)
     except PeftlabError as err:
         raise PeftlabError(f"{path}: {err}") from None
     return _Plan(name, config, state_dict, fingerprint, directory, also_train,
                  initial_from_base=init in _PEFT_RESIDUAL_INITS)
+
+
+def _split_peft_tensors(tensors: dict[str, Tensor], weights: Path,
+                        model: nn.Module) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """peft's tensors as (site -> {peft suffix: tensor}, in model order) and (parameter -> tensor)."""
+    per_site: dict[str, dict[str, Tensor]] = {}
+    plain: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise PeftlabError(f"{weights} holds {key!r}, which lacks peft's {PEFT_PREFIX!r} prefix: not a file "
+                               "written by peft's save_pretrained")
+        rest = key[len(PEFT_PREFIX):]
+        suffix = next((s for s in _PEFT_SUFFIXES if rest.endswith(s)), None)
+        if suffix is not None:
+            per_site.setdefault(rest[: -len(suffix)], {})[suffix] = value
+        elif ".lora_" in rest:
+            raise PeftlabError(f"{weights} holds {key!r}, a peft LoRA tensor peftlab does not know (lora_bias?); "
+                               "peftlab imports lora_A, lora_B, lora_embedding_A/B and lora_magnitude_vector")
+        else:
+            plain[rest] = value
+    if not per_site:
+        raise PeftlabError(f"{weights} holds no LoRA tensors; {_DAMAGED}")
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}  # unknown sites last: reported later
+    return dict(sorted(per_site.items(), key=lambda item: order.get(item[0], len(order)))), plain
+
+
+def _peftlab_site_tensors(site: str, name: str, kind: HostKind, parts: dict[str, Tensor], dora: bool, label: str,
+                          weights: Path) -> dict[str, Tensor]:
+    """One site's peft tensors under peftlab's state-dict keys and shapes."""
+    embedding = kind.index_input
+    expected = {".lora_embedding_A", ".lora_embedding_B"} if embedding else {".lora_A.weight", ".lora_B.weight"}
+    expected |= {".lora_magnitude_vector"} if dora else set()
+    if set(parts) != expected:
+        raise PeftlabError(f"{label} does not fit: layer {site!r} is a {kind.name} layer here, for which a "
+                           f"{'DoRA' if dora else 'LoRA'} file holds {sorted(expected)}, but {weights} holds "
+                           f"{sorted(parts)}. Load it onto the base model it was trained on")
+    values = {_PEFT_SUFFIXES[suffix]: tensor for suffix, tensor in parts.items()}
+    prefix = f"{site}.{ADAPTERS}.{name}."
+    # peft's conv factors are 4-d convolutions; peftlab keeps them as (r, cin*kh*kw) and (out, r)
+    tensors = {prefix + "A": values["A"].reshape(values["A"].shape[0], -1),
+               prefix + "B": values["B"].reshape(values["B"].shape[0], -1)}
+    if dora:
+        tensors[prefix + "m"] = values["m"].reshape(-1)
+    return tensors
 
 
 def _peft_also_train(model: nn.Module, plain: dict[str, Tensor], modules_to_save: list[str],
@@ -754,7 +767,10 @@ def _peft_also_train(model: nn.Module, plain: dict[str, Tensor], modules_to_save
         if param is None:
             raise PeftlabError(f"{label} was made for another model: it holds parameter {key!r}, which this model "
                                "has not. Load it onto the base model it was trained on")
-        listed = any((PEFT_PREFIX + key.rsplit(".", 1)[0]).endswith(m) for m in modules_to_save)  # peft's rule
+        # peft's rule: a module is saved when its name (under the wrapper) ends with an entry
+        parts = (PEFT_PREFIX + key).split(".")
+        owners = [".".join(parts[:i]) for i in range(1, len(parts))]
+        listed = any(owner.endswith(m) for owner in owners for m in modules_to_save)
         same = tuple(value.shape) == tuple(param.shape) and torch.equal(value.to(param.dtype), param.detach().cpu())
         if listed or not same:
             values[canonical[id(param)]] = value

@@ -156,6 +156,10 @@ TINY = {
         lambda: peftlab.LoRA(r=4, init="pissa", rslora=True, targets=["c_fc"]),
         lambda: LoraConfig(r=4, lora_alpha=16, init_lora_weights="pissa", use_rslora=True, target_modules=["c_fc"],
                            fan_in_fan_out=True)),
+    "gaussian-init": (
+        tiny_bert, token_batch,
+        lambda: peftlab.LoRA(r=4, init="gaussian", targets="all-linear"),
+        lambda: LoraConfig(r=4, lora_alpha=16, init_lora_weights="gaussian", target_modules="all-linear")),
     "embedding": (
         tiny_bert, token_batch,
         lambda: peftlab.LoRA(r=4, targets=["word_embeddings", "query"]),

@@ -361,6 +361,15 @@ def test_export_refuses_what_peft_would_compute_differently(tmp_path):
     assert not (tmp_path / "dilated").exists()
 
 
+def test_export_refuses_methods_the_peft_lora_format_cannot_hold(tmp_path):
+    model = tiny_bert()
+    peftlab.attach(model, peftlab.LoRA(r=2, targets=["query"]))
+    peftlab.attach(model, peftlab.config("vera", r=4, targets=["value"]), name="vera")
+    with pytest.raises(peftlab.PeftlabError, match="'vera', which the peft format cannot hold"):
+        peftlab.save(model, tmp_path / "mixed", format="peft")
+    assert not (tmp_path / "mixed").exists()  # nothing written, not even the LoRA
+
+
 def test_export_warns_when_per_site_dropout_cannot_be_kept(tmp_path):
     model = tiny_bert()
     peftlab.attach(model, peftlab.LoRA(r=2, dropout=0.1, targets=QV, overrides={"value": {"dropout": 0.0}}))

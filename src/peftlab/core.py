@@ -290,6 +290,11 @@ def _fill(built: dict[str, Adapter], state_dict: dict[str, Tensor], name: str) -
     """Load saved values into freshly built adapters, checking every key and shape first."""
     expected = {f"{site}.{ADAPTERS}.{name}.{k}": t for site, a in built.items() for k, t in a.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
+    marker = f".{ADAPTERS}.{name}."
+    unexpected = sorted(k for k in state_dict if marker in k and k not in expected)
+    if unexpected:
+        raise PeftlabError(f"saved adapter has {len(unexpected)} tensor(s) this model has no place for, e.g. "
+                           f"{unexpected[0]}: it was made for another model or config")
     if missing:
         raise PeftlabError(f"saved adapter lacks {len(missing)} tensor(s), e.g. {missing[0]}: it was made for another model or config")
     for key, tensor in expected.items():

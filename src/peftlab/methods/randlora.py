@@ -18,8 +18,11 @@ way, concatenated into B (M_max, n_max, r); each is divided by its own standard 
 (in bfloat16). `bases="sparse"` draws ternary {-1, 0, 1} bases with density 1/3 and
 `"very_sparse"` with density 1/sqrt(m_max), as peft does. A layer uses A[..., :m] and
 B[:M, :n]. λ = 0 and γ = 1/max(n, m) at init (peft's reset), so the output is unchanged.
-The basis pairs r*n with peft's flattening order: column (j, k) of B with row (k, j) of the
-scaled A, which is just another fixed random pairing.
+As peft computes it, the sum runs over t < r * n rank-one terms paired by flat position:
+column t of B flattened to (M, n*r) (basis t // r, column t % r) times row t of the scaled A
+flattened to (r*n, m), i.e. λ[t // n, t % n] * A[t // n] * γ[t % n]. It is the same family
+(fixed random bases, trained diagonal scalings, full-rank reach) with a fixed random
+pairing; keeping peft's pairing keeps the outputs identical.
 
 Bases are never parameters and never saved: each adapter keeps `seed` and `basis_shape`
 (out_max, in_max) as persistent buffers and regenerates the bases on build and after load;

@@ -38,6 +38,7 @@ def test_registry_name_builds_eva_and_round_trips_ranks():
     assert type(cfg) is peftlab.EVA and cfg.method == "eva"
     model = tiny_bert()
     peftlab.attach(model, cfg, calibration=calibration())
+    cfg = peftlab.configs(model)["default"]  # the attached config holds the ranks calibration chose
     again = peftlab.from_json(cfg.to_json())
     assert again == cfg and again.ranks == cfg.ranks and len(cfg.ranks) == 6
 
@@ -47,7 +48,7 @@ def test_ranks_are_redistributed_within_the_budget():
     targets = ["query", "attention.output.dense", "intermediate.dense"]
     cfg = peftlab.EVA(r=4, rho=2.0, targets=targets, overrides={"intermediate.dense": {"r": 2}})
     peftlab.attach(model, cfg, calibration=calibration())
-    ranks = cfg.ranks
+    ranks = peftlab.configs(model)["default"].ranks
     budget = {n: 2 if n.endswith("intermediate.dense") else 4 for n in ranks}
     assert sum(ranks.values()) == sum(budget.values())  # the total is kept
     assert all(0 <= k <= round(2.0 * budget[n]) for n, k in ranks.items())  # rho caps each site
@@ -91,7 +92,8 @@ def _peft_eva(model, batches, targets, **eva):
     return peft_model.eval()  # peft's EVA leaves the model in its wrapper's (training) mode
 
 
-def _compare(ours, theirs, cfg, batch, atol=1e-6):
+def _compare(ours, theirs, batch, atol=1e-6):
+    cfg = peftlab.configs(ours)["default"]
     g = torch.Generator().manual_seed(0)
     for site, adapter in peftlab.adapters(ours, "default").items():
         layer = theirs.base_model.model.get_submodule(site)
@@ -125,11 +127,12 @@ def test_parity_with_peft_on_minilm(minilm, minilm_batch):
     targets = ["query", "key", "value", "attention.output.dense"]
     cfg = peftlab.EVA(r=4, alpha=8, rho=2.0, targets=targets)
     peftlab.attach(model, cfg, calibration=batches)
+    cfg = peftlab.configs(model)["default"]
     theirs = _peft_eva(load_minilm()[0], batches, targets, r=4, lora_alpha=8, rho=2.0)
     expected = {s: k for s, k in theirs.peft_config["default"].rank_pattern.items()}
     assert {s: k for s, k in cfg.ranks.items() if k != 4} == {s: k for s, k in expected.items() if k != 4}
     assert len(set(cfg.ranks.values())) > 2  # a real redistribution, q/k/v sharing one PCA
-    _compare(model, theirs, cfg, minilm_batch)
+    _compare(model, theirs, minilm_batch)
 
 
 @pytest.mark.parametrize("options", [dict(whiten=True), dict(adjust_scaling_factors=False, rho=1.5)], ids=str)
@@ -143,4 +146,37 @@ def test_parity_with_peft_on_tiny_gpt2_with_label_mask(options):
     cfg = peftlab.EVA(r=3, alpha=6, targets=targets, **options)
     peftlab.attach(ours, cfg, calibration=batches)
     theirs = _peft_eva(tiny_gpt2(), batches, targets, r=3, lora_alpha=6, **options)
-    _compare(ours, theirs, cfg, token_batch(), atol=1e-6)
+    _compare(ours, theirs, token_batch(), atol=1e-6)
+
+
+class Funnel(torch.nn.Module):
+    """wide (64 isotropic inputs) -> narrow (all its input variance in 4 directions)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wide = torch.nn.Linear(64, 4)
+        self.narrow = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.narrow(self.wide(x))
+
+
+def test_a_site_given_rank_zero_keeps_an_empty_adapter_through_save_and_load(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(16, 64, generator=g)} for _ in range(4)]
+    model = Funnel()
+    cfg = peftlab.EVA(r=2, rho=2.0, targets=["wide", "narrow"])
+    peftlab.attach(model, cfg, calibration=batches)
+    cfg = peftlab.configs(model)["default"]
+    assert cfg.ranks == {"wide": 0, "narrow": 4}  # narrow's 4 directions explain more than any of wide's
+    assert peftlab.adapters(model, "default")["wide"].A.shape == (0, 64)
+    with torch.no_grad():
+        peftlab.adapters(model, "default")["narrow"].B.normal_()
+        out = model(batches[0]["x"])
+    peftlab.save(model, tmp_path / "eva")
+    fresh = Funnel()
+    peftlab.load(fresh, tmp_path / "eva")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batches[0]["x"]), out, atol=1e-6, rtol=0)
+    assert peftlab.configs(fresh)["default"].ranks == cfg.ranks

@@ -1,6 +1,7 @@
-"""AdaLoRA: Adaptive Budget Allocation (Zhang, Chen, Bukharin, Karampatziakis, He, Cheng, Chen,
-Zhao 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023,
-arXiv 2303.10512).
+"""AdaLoRA: adaptive rank budget allocation (Zhang et al. 2023, ICLR, arXiv 2303.10512).
+
+Zhang, Chen, Bukharin, Karampatziakis, He, Cheng, Chen, Zhao, "AdaLoRA: Adaptive Budget
+Allocation for Parameter-Efficient Fine-Tuning".
 
 The update is parametrised like an SVD, and its singular values are pruned during training
 toward a total rank budget, by an importance score:

@@ -1,6 +1,7 @@
-"""CorDA: Context-oriented Decomposition Adaptation (Yang, Li, Zhou, Song, Wu, Nie, Ghanem 2024,
-"CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for Task-Aware
-Parameter-Efficient Fine-tuning", arXiv 2406.05223).
+"""CorDA: Context-oriented Decomposition Adaptation (Yang et al. 2024, arXiv 2406.05223).
+
+Yang, Li, Zhou, Song, Wu, Nie, Ghanem, "CorDA: Context-Oriented Decomposition Adaptation of Large
+Language Models for Task-Aware Parameter-Efficient Fine-tuning" (NeurIPS 2024).
 
 A data-driven initialisation of LoRA. The weight is decomposed together with the covariance C of
 the layer's inputs on calibration data, so the singular directions are those that matter for

@@ -1,6 +1,7 @@
-"""EVA: Explained Variance Adaptation (Paischer, Hauzenberger, Schmied, Alkin, Deisenroth,
-Hochreiter 2024, "One Initialization to Rule them All: Fine-tuning via Explained Variance
-Adaptation", arXiv 2410.07170).
+"""EVA: Explained Variance Adaptation (Paischer et al. 2024, arXiv 2410.07170).
+
+Paischer, Hauzenberger, Schmied, Alkin, Deisenroth, Hochreiter, "One Initialization to Rule them
+All: Fine-tuning via Explained Variance Adaptation".
 
 A data-driven initialisation of LoRA. For each target layer, the right singular vectors of its
 inputs X (tokens x in) on calibration batches give the directions in which the layer's input

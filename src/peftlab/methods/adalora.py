@@ -22,6 +22,8 @@ optimizer.zero_grad(): the sensitivity needs this step's gradients):
     to target_r * sites at T - tfinal (T = total_steps); every delta_t steps the lam_i with the
     lowest scores are set to 0 until b(t) remain (they keep training and may come back at the next
     allocation); from T - tfinal on the final mask is frozen and re-applied after each step.
+With transformers' Trainer that is a TrainerCallback's on_optimizer_step (its on_step_end comes
+after zero_grad, when the gradients are gone; the hook then raises a PeftlabError saying so).
 Steps are numbered as the training loop numbers them (the schedule compares `step` with tinit,
 T - tfinal; `peft`'s update_and_allocate(global_step) reads it the same way).
 

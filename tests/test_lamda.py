@@ -1,0 +1,82 @@
+"""LaMDA: contract rows; B's columns freeze on schedule during ~50 training steps and stay frozen."""
+import pytest
+import torch
+
+import peftlab
+from conftest import tiny_bert, tiny_gpt2, token_batch
+from contract import Case, run_contract
+from short_training import train
+
+QV = ["query", "value"]
+
+ROWS = [
+    Case("lamda-linear", lambda: peftlab.config("lamda", r=4, total_steps=100, targets=QV), tiny_bert, token_batch),
+    Case("lamda-conv1d-dropout", lambda: peftlab.LaMDA(r=4, dropout=0.1, targets=["c_attn", "c_fc"]),
+         tiny_gpt2, token_batch),
+]
+
+
+@pytest.mark.parametrize("case", ROWS, ids=str)
+def test_contract(case, tmp_path):
+    run_contract(case, tmp_path)
+
+
+def test_initial_state_and_what_trains():
+    model = peftlab.attach(tiny_bert(), peftlab.LaMDA(r=4, targets=QV))
+    for adapter in peftlab.adapters(model, "default").values():
+        assert torch.equal(adapter.B.detach(), torch.zeros_like(adapter.B))
+        assert adapter.A.abs().sum() > 0 and adapter.Sigma.abs().sum() > 0
+        assert int(adapter.frozen_columns) == 0
+    names = set(peftlab.trainable_parameters(model))
+    assert names and all(n.endswith((".Sigma", ".B")) for n in names)  # A is frozen
+
+
+def test_columns_of_B_freeze_on_schedule_and_keep_their_values():
+    # r = 3, eta = 0.2 of 50 steps: one more column every 10 steps, all frozen from step 30
+    config = peftlab.LaMDA(r=3, eta=0.2, total_steps=50, targets=QV)
+    model = peftlab.attach(tiny_bert(), config)
+    adapters = peftlab.adapters(model, "default")
+    A0 = {s: a.A.clone() for s, a in adapters.items()}
+    history = []  # (step, frozen count, effective B) per step
+
+    def record(step):
+        history.append((step, [int(a.frozen_columns) for a in adapters.values()],
+                        {s: a.effective_B().detach().clone() for s, a in adapters.items()}))
+
+    # weight decay and momentum keep pushing on B: frozen columns must still not move
+    train(model, 50, lr=1e-2, weight_decay=0.1, after_step=record)
+
+    for step, counts, _ in history:
+        assert counts == [min(3, step // 10)] * len(adapters), f"step {step}"
+    for (_, done, before), (step, counts, after) in zip(history, history[1:]):
+        for site in adapters:
+            # columns frozen by the previous step did not move at this step ...
+            torch.testing.assert_close(after[site][:, :done[0]], before[site][:, :done[0]], atol=0, rtol=0)
+            # ... and the columns still training did
+            if counts[0] < 3:
+                assert not torch.equal(after[site][:, counts[0]:], before[site][:, counts[0]:]), f"step {step}"
+    for site, adapter in adapters.items():
+        assert not adapter.B.requires_grad  # fully frozen: B takes no more gradient
+        assert adapter.Sigma.requires_grad
+        assert torch.equal(adapter.A, A0[site])
+
+
+def test_schedule_needs_total_steps():
+    model = peftlab.attach(tiny_bert(), peftlab.LaMDA(r=2, targets=QV))
+    with pytest.raises(peftlab.PeftlabError, match="total_steps"):
+        peftlab.step(model, 1)
+    with pytest.raises(peftlab.PeftlabError, match="eta must be > 0"):
+        peftlab.LaMDA(eta=0)
+
+
+def test_frozen_state_survives_save_and_load(tmp_path):
+    config = peftlab.LaMDA(r=3, eta=0.1, total_steps=20, targets=QV)
+    model = peftlab.attach(tiny_bert(), config)
+    train(model, 5)  # two columns frozen
+    adapters = peftlab.adapters(model, "default")
+    assert all(int(a.frozen_columns) == 2 for a in adapters.values())
+    peftlab.save(model, tmp_path / "lamda")
+    fresh = peftlab.load(tiny_bert(), tmp_path / "lamda")
+    for site, adapter in peftlab.adapters(fresh, "default").items():
+        assert int(adapter.frozen_columns) == 2
+        torch.testing.assert_close(adapter.effective_B(), adapters[site].effective_B(), atol=0, rtol=0)

@@ -17,6 +17,7 @@ fast path == merged path for every method.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
@@ -232,6 +233,9 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
     """
     if not isinstance(config, MethodConfig):
         raise PeftlabError(f"attach needs a method config such as peftlab.LoRA(...), got {type(config).__name__}")
+    # Each attached adapter owns its config: calibration may record per-site results in it
+    # (EVA's ranks), and the caller's object must not change under their feet.
+    config = copy.deepcopy(config)
     existing = model.__dict__.get("_peftlab")
     if existing is not None and name in existing.groups:
         raise PeftlabError(f"an adapter named {name!r} is attached already: pick another name or detach it")

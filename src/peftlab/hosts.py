@@ -16,6 +16,7 @@ four layer types, and a new method gets conv and embedding support for free:
     write(host, M)          writes an (out, in) matrix back into the layer's own layout
     apply_in(host, x, A)    the layer's own operation with an (r, in) weight: x -> (..., r) or (N, r, H, W)
     apply_out(host, h, B)   a pointwise (out, r) map over the channel dimension of h
+    add_out(host, y, h, B)  y + apply_out(host, h, B), fused into one GEMM where the layout allows
     forward_with(host, x, M) the layer's forward with weight matrix M (and the layer's bias)
 """
 from __future__ import annotations
@@ -43,12 +44,20 @@ class HostKind:
     apply_in: Callable[[nn.Module, Tensor, Tensor], Tensor]
     apply_out: Callable[[nn.Module, Tensor, Tensor], Tensor]
     forward_with: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    add_out: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
     # Inputs are token indices (Embedding): dropout on the input means nothing there.
     index_input: bool = False
 
 
 def _linear_out(host, h, B):
     return F.linear(h, B)
+
+
+def _linear_add_out(host, y, h, B):
+    # y + h @ B.T as one addmm: the add rides on the GEMM instead of another pass over y (..., out).
+    rows = y.shape[:-1].numel()  # explicit: a rank-0 h makes reshape(-1, 0) ambiguous
+    out = torch.addmm(y.reshape(rows, y.shape[-1]), h.reshape(rows, h.shape[-1]), B.T)
+    return out.view(y.shape)
 
 
 def _write_linear(host, M):
@@ -64,6 +73,7 @@ LINEAR = HostKind(
     apply_in=lambda m, x, A: F.linear(x, A),
     apply_out=_linear_out,
     forward_with=lambda m, x, M: F.linear(x, M, m.bias),
+    add_out=_linear_add_out,
 )
 
 
@@ -80,6 +90,7 @@ CONV1D = HostKind(
     apply_in=lambda m, x, A: F.linear(x, A),
     apply_out=_linear_out,
     forward_with=lambda m, x, M: F.linear(x, M, m.bias),
+    add_out=_linear_add_out,
 )
 
 
@@ -101,6 +112,7 @@ EMBEDDING = HostKind(
     apply_in=_embedding_lookup,
     apply_out=_linear_out,
     forward_with=_embedding_lookup,
+    add_out=_linear_add_out,
     index_input=True,
 )
 
@@ -133,6 +145,7 @@ CONV2D = HostKind(
     apply_in=_conv2d_in,
     apply_out=_conv2d_out,
     forward_with=_conv2d_forward,
+    add_out=lambda m, y, h, B: y + _conv2d_out(m, h, B),
 )
 
 

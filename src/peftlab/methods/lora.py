@@ -46,7 +46,8 @@ class LoRAAdapter(Adapter):
 
     def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
         h = self.kind.apply_in(host, self.dropout(x), self.A)  # (..., r); (N, r, H, W) for conv
-        return base(x) + self.kind.apply_out(host, h, self.B) * self.scale
+        # Scale the rank-r activations, not the (..., out) ones, and fuse the add into the GEMM.
+        return self.kind.add_out(host, base(x), h * self.scale, self.B)
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ self.A)  # (out, in)

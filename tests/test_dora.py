@@ -72,6 +72,21 @@ def test_row_norm_sends_no_gradient_and_m_starts_at_the_row_norms_of_w0():
         assert not adapter.weight_norm(W0).requires_grad
 
 
+def test_a_zero_row_of_w0_stays_zero_instead_of_nan():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6))
+    with torch.no_grad():
+        model[0].weight[2] = 0  # a pruned output
+    x = torch.randn(3, 8)
+    expected = model(x)
+    peftlab.attach(model, peftlab.DoRA(r=2, targets=["0"]))
+    adapter = peftlab.adapters(model, "default")["0"]
+    assert adapter.m[2] == 0
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+    peftlab.merge(model)
+    assert torch.isfinite(model[0].weight).all() and (model[0].weight[2] == 0).all()
+
+
 # ---- the fused channel scaling -----------------------------------------------------------
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -63,16 +63,21 @@ def fast_weight_norm(weight: Tensor, A: Tensor, B: Tensor, scale: float) -> Tens
     cross = (B * (W0 @ A.T)).sum(1)  # <W0_i, (B A)_i>                          (out,)
     update_sq = ((B @ (A @ A.T)) * B).sum(1)  # ||(B A)_i||^2                   (out,)
     squared = w0_sq + (2 * scale) * cross + (scale * scale) * update_sq
-    return squared.clamp_min(0).sqrt().to(weight.dtype)
+    return _nonzero(squared.clamp_min(0).sqrt().to(weight.dtype))
+
+
+def _nonzero(norm: Tensor) -> Tensor:
+    # A zero row (a pruned output, with B = 0) has m = 0 too: keep m / ||V|| at 0, not 0/0.
+    return norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
 class ScaleChannels(torch.autograd.Function):
     """y = g * z + (1 - g) * b over the last (channel) dimension, with a lean backward.
 
     z: (..., out) the host's output plus the LoRA branch, bias included; g, b: (out,).
-    Autograd's own addcmul backward makes several passes over the (..., out) tensors; this
-    one makes the two it needs, dz = dy * g and dg = sum_tokens dy * (z - b), plus one
-    reduction of dy, which is what keeps DoRA's step close to LoRA's.
+    Autograd's own addcmul backward makes several passes over the (..., out) tensors and
+    allocates a buffer for each; this one computes dg = sum_tokens dy * (z - b) and
+    dz = dy * g through a single (..., out) buffer, which keeps DoRA's step close to LoRA's.
     """
 
     @staticmethod
@@ -87,16 +92,19 @@ class ScaleChannels(torch.autograd.Function):
         z, g, bias = ctx.saved_tensors
         need_z, need_g, need_bias = ctx.needs_input_grad
         dy_rows = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
-        dz = dy * g if need_z else None
-        dg = dbias = None
-        if need_g or need_bias:
-            dy_sum = dy_rows.sum(0) if bias is not None else None  # (out,)
-            if need_g:
-                dg = torch.linalg.vecdot(dy_rows, z.reshape(-1, z.shape[-1]), dim=0)  # (out,)
-                if bias is not None:
-                    dg = dg - bias * dy_sum
-            if need_bias:
-                dbias = (1 - g) * dy_sum
+        dz = dg = dbias = None
+        dy_sum = dy_rows.sum(0) if bias is not None and (need_g or need_bias) else None  # (out,)
+        if need_g:
+            product = dy * z  # one (..., out) buffer, reused for dz below: fresh memory is not free on CPU
+            dg = product.reshape(-1, product.shape[-1]).sum(0)  # sum_tokens dy * z   (out,)
+            if bias is not None:
+                dg = dg - bias * dy_sum
+            if need_z:
+                dz = torch.mul(dy, g, out=product)
+        elif need_z:
+            dz = dy * g
+        if need_bias:
+            dbias = (1 - g) * dy_sum
         return dz, dg, dbias
 
 
@@ -122,14 +130,14 @@ class DoRAAdapter(LoRAAdapter):
             lora = self.kind.apply_out(host, self.kind.apply_in(host, dropped, self.A), self.B * self.scale)
             w0_dropped = self.kind.apply_in(host, dropped, weight)  # W0 d(x), no bias   (..., out)
             return base(x) + (g - 1) * w0_dropped + g * lora
-        # s is folded into the small B (out, r) rather than applied to the (..., out) output.
-        lora = self.kind.apply_out(host, self.kind.apply_in(host, x, self.A), self.B * self.scale)
-        adapted = base(x) + lora  # W0 x + b + s B A x                               (..., out)
+        # As in LoRA: s scales the rank-r activations, and the add rides on the B GEMM.
+        h = self.kind.apply_in(host, x, self.A)  # (..., r)
+        adapted = self.kind.add_out(host, base(x), h * self.scale, self.B)  # W0 x + b + s B A x  (..., out)
         return ScaleChannels.apply(adapted, g, host.bias)  # g * (W0 x + s B A x) + b
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         V = weight + self.delta_weight().to(weight.dtype)  # (out, in)
-        return V * (self.m / row_norm(V)).unsqueeze(1)
+        return V * (self.m / _nonzero(row_norm(V))).unsqueeze(1)
 
     def initialise_magnitude(self, weight: Tensor) -> None:
         """m = ||W0 + s B A|| per row, so that W' = W0 at init."""

@@ -1,0 +1,101 @@
+"""How a loaded model becomes trainable, seen from the training recipe.
+
+The recipe (train.py) needs five things from whatever made a model trainable, and nothing
+else; they are an `Adaptation`:
+
+    model            the module the Trainer trains (the loaded model, or a wrapper around it)
+    param_groups(lr) optimizer parameter groups
+    save(directory)  writes what was trained
+    regularization() a term added to the training loss, or None
+    after_step(step) called after each optimizer step, or None
+
+peftlab's own way is `attach` (`of_peftlab`). Two baselines are ordinary run configs too,
+`method: {name: head-only}` and `method: {name: full}` (`baseline`), and `peftlab.peer`
+trains the same methods through the `peft` library. All of them run through one loop, so a
+comparison between them differs only in the adaptation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .errors import PeftlabError
+
+# Baselines: not adapter methods (they are not in the registry), but run configs like any other.
+BASELINES = ("head-only", "full")
+BASELINE_FILE = "model.safetensors"  # what a baseline saves: every parameter it trained
+
+
+def _no_regularization() -> Tensor | None:
+    return None
+
+
+@dataclasses.dataclass
+class Adaptation:
+    model: nn.Module
+    param_groups: Callable[[float], list[dict]]
+    save: Callable[[pathlib.Path], None]
+    regularization: Callable[[], Tensor | None] = _no_regularization
+    after_step: Callable[[int], None] | None = None
+
+
+def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def of_peftlab(model: nn.Module, method) -> Adaptation:
+    """The default: the method is attached already; peftlab's model-wide hooks do the rest."""
+    from . import core, io
+
+    return Adaptation(
+        model=model,
+        param_groups=lambda lr: core.param_groups(model, lr),
+        save=lambda directory: io.save(model, directory),
+        regularization=lambda: core.regularization(model),
+        after_step=(lambda step: core.step(model, step)) if method.step_hook else None,
+    )
+
+
+def baseline(name: str, model: nn.Module, head: str | None) -> Adaptation:
+    """head-only: only the task head trains (a linear probe); full: every parameter trains.
+
+    `head` is the classifier's module name; a causal LM has none, so head-only is refused there.
+    """
+    if name == "head-only":
+        if head is None:
+            raise PeftlabError("method head-only trains only a classification head, and this task's model has "
+                               "none: use it for classification tasks, or choose another method")
+        for parameter_name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter_name.startswith(head + "."))
+    elif name == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    else:
+        raise PeftlabError(f"unknown baseline {name!r}; baselines are {', '.join(BASELINES)}")
+
+    def save(directory: pathlib.Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Tied weights (e.g. SmolLM2's embedding and LM head) are stored once.
+        tensors, seen = {}, set()
+        for parameter_name, parameter in model.named_parameters():
+            if parameter.requires_grad and parameter.data_ptr() not in seen:
+                seen.add(parameter.data_ptr())
+                tensors[parameter_name] = parameter.detach().cpu().contiguous()
+        save_file(tensors, str(directory / BASELINE_FILE), metadata={"peftlab_baseline": name})
+
+    return Adaptation(model=model, param_groups=lambda lr: [{"params": trained_parameters(model), "lr": lr}],
+                      save=save)
+
+
+def check_baseline_fields(method: dict) -> None:
+    """A baseline takes no method fields (run-config validation calls this)."""
+    fields = sorted(k for k in method if k != "name")
+    if fields:
+        raise PeftlabError(f"config key method: baseline {method['name']!r} takes no fields, got {fields}; "
+                           "remove them or choose an adapter method")

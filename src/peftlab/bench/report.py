@@ -1,0 +1,307 @@
+"""The bench report: one Markdown page and two plots from a suite's result records.
+
+    write_report(suite, results_dir) -> path of report.md
+
+Only final runs count (selection runs only decide learning rates). Each number is the mean
++- standard deviation over the seeds (sample std, n-1; a single seed shows the mean alone).
+The score is the test split's version of the suite's selection metric: test accuracy for
+classification suites, test answer loss for causal-LM suites (lower is better).
+
+Plots (matplotlib, one panel per task): the score against trainable parameters, with the
+Pareto front (no other method is both smaller and better), and against training time.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from .runner import metric_value, read_records
+from .suite import BASELINES, Suite
+
+PLOT_PARAMS = "score_vs_trainable_parameters.png"
+PLOT_TIME = "score_vs_training_time.png"
+
+
+# ---- aggregation -------------------------------------------------------------------------------
+
+
+def score_metric(suite: Suite) -> tuple[str, str]:
+    """('test.accuracy', 'max') from select = validation.accuracy, max."""
+    name = suite.select["metric"].split(".", 1)[1]
+    return f"test.{name}", suite.select["mode"]
+
+
+def _stats(values: list[float]) -> tuple[float, float | None] | None:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(records: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(task, method, implementation) -> mean/std of every reported quantity over the seeds."""
+    metric, _ = score_metric(suite)
+    groups: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        if r.get("phase") == "final" and r.get("status") == "ok":
+            groups[(r["task"], r["method"], r["implementation"])].append(r)
+    table = {}
+    for key, runs in groups.items():
+        table[key] = {
+            "seeds": sorted(r["seed"] for r in runs),
+            "score": _stats([metric_value(r, metric) for r in runs]),
+            "trainable": _stats([r.get("trainable_parameters") for r in runs]),
+            "share": _stats([r.get("trainable_share") for r in runs]),
+            "train_time": _stats([r.get("train_time_s") for r in runs]),
+            "s_per_step": _stats([r.get("s_per_step") for r in runs]),
+            "rss": _stats([r.get("peak_rss_mb") for r in runs]),
+            "adapter": _stats([r.get("adapter_bytes") for r in runs]),
+            "forgetting": _stats([(r.get("forgetting") or {}).get("delta") for r in runs]),
+            "steps": _stats([r.get("steps") for r in runs]),
+            "lr": runs[0].get("lr"),
+            "selection": runs[0].get("selection") or {},
+        }
+    return table
+
+
+# ---- formatting --------------------------------------------------------------------------------
+
+
+def _mean_std(stat, digits: int = 3, scale: float = 1.0) -> str:
+    if stat is None:
+        return "-"
+    mean, std = stat
+    text = f"{mean * scale:.{digits}f}"
+    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
+
+
+def _count(stat) -> str:
+    if stat is None:
+        return "-"
+    n = stat[0]
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.{1 if n < 100 * size else 0}f}{unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(stat) -> str:
+    if stat is None:
+        return "-"
+    n = stat[0]
+    for unit, size in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _plain(stat, digits: int) -> str:
+    return "-" if stat is None else f"{stat[0]:.{digits}f}"
+
+
+def _method_order(table: dict, task: str, mode: str) -> list[str]:
+    """Baselines first, then the methods by score (best first)."""
+    methods = {m for (t, m, impl) in table if t == task and impl == "peftlab"}
+    baselines = [b for b in BASELINES if b in methods]
+
+    def key(m: str) -> float:
+        score = table[(task, m, "peftlab")]["score"]
+        if score is None:
+            return math.inf
+        return -score[0] if mode == "max" else score[0]
+
+    return baselines + sorted(methods - set(baselines), key=lambda m: (key(m), m))
+
+
+# ---- the page ----------------------------------------------------------------------------------
+
+
+def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str]) -> str:
+    metric, mode = score_metric(suite)
+    table = aggregate(records, suite)
+    tasks = [t for t in suite.tasks if any(k[0] == t for k in table)]
+    better = "higher is better" if mode == "max" else "lower is better"
+    lines = [f"# Bench: {suite.name}", ""]
+    if suite.description:
+        lines += [suite.description, ""]
+    seeds = ", ".join(str(s) for s in suite.seeds)
+    lines += [f"Score: `{metric}` ({better}), mean ± std over seeds {seeds}. Time and memory are per run on "
+              f"the machine named below; `s/step` is training wall time / optimizer steps.", ""]
+    has_forgetting = any(v["forgetting"] is not None for v in table.values())
+    for task in tasks:
+        lines += [f"## {task}", ""]
+        header = ["method", metric, "trainable", "share", "train time (s)", "s/step", "peak RSS (MB)", "adapter file",
+                  "lr"]
+        if has_forgetting:
+            header.insert(2, "forgetting (Δ loss)")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for method in _method_order(table, task, mode):
+            row = table[(task, method, "peftlab")]
+            cells = [f"**{method}**" if method in BASELINES else method, _mean_std(row["score"]),
+                     _count(row["trainable"]), _mean_std(row["share"], 3, 100) + "%", _mean_std(row["train_time"], 0),
+                     _mean_std(row["s_per_step"], 3), _mean_std(row["rss"], 0), _bytes(row["adapter"]),
+                     f"{row['lr']:g}" if row["lr"] else "-"]
+            if has_forgetting:
+                cells.insert(2, _mean_std(row["forgetting"], 3))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += _peer_table(table, task, metric)
+    lines += [f"![score vs trainable parameters]({p})" for p in plots[:1]]
+    lines += ["", *[f"![score vs training time]({p})" for p in plots[1:2]], ""]
+    lines += _grid_section(suite, table)
+    lines += _failures(records)
+    lines += _excluded(suite)
+    lines += _setup(suite, records)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _peer_table(table: dict, task: str, metric: str) -> list[str]:
+    pairs = sorted(m for (t, m, impl) in table if t == task and impl == "peft" and (t, m, "peftlab") in table)
+    if not pairs:
+        return []
+    lines = [f"Side by side with `peft` (same model, data, seed, hyperparameters and learning rate):", "",
+             f"| method | {metric} peftlab | {metric} peft | s/step peftlab | s/step peft | step time ratio "
+             "| peak RSS peftlab (MB) | peak RSS peft (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for method in pairs:
+        ours, theirs = table[(task, method, "peftlab")], table[(task, method, "peft")]
+        ratio = "-"
+        if ours["s_per_step"] and theirs["s_per_step"]:
+            ratio = f"{ours['s_per_step'][0] / theirs['s_per_step'][0]:.2f}x"
+        lines.append(f"| {method} | {_mean_std(ours['score'])} | {_mean_std(theirs['score'])} | "
+                     f"{_mean_std(ours['s_per_step'], 3)} | {_mean_std(theirs['s_per_step'], 3)} | {ratio} | "
+                     f"{_mean_std(ours['rss'], 0)} | {_mean_std(theirs['rss'], 0)} |")
+    return lines + [""]
+
+
+def _grid_section(suite: Suite, table: dict) -> list[str]:
+    lines = ["## Learning rates", "",
+             f"Chosen per method and task from the grid below on `{suite.select['metric']}` "
+             f"({suite.select['mode']}), with seed {suite.seeds[0]}; the test split is used once, by each final run. "
+             f"Default grid: {', '.join(f'{x:g}' for x in suite.lr['default'])}."]
+    special = {m: g for m, g in suite.lr.items() if m != "default"}
+    if special:
+        lines.append("Own grids: " + "; ".join(f"{m}: {', '.join(f'{x:g}' for x in g)}" for m, g in special.items())
+                     + ".")
+    chosen = [(t, m, v["selection"]) for (t, m, impl), v in sorted(table.items())
+              if impl == "peftlab" and v["selection"].get("scores")]
+    if chosen:
+        lines += ["", "| task | method | validation scores by lr | chosen |", "|---|---|---|---|"]
+        for task, method, selection in chosen:
+            scores = ", ".join(f"{lr}: {s:.4f}" for lr, s in selection["scores"].items())
+            lines.append(f"| {task} | {method} | {scores} | {selection['chosen']:g} |")
+    else:
+        lines += ["", "Every grid here has one rate, so no selection runs were needed."]
+    return lines + [""]
+
+
+def _failures(records: list[dict[str, Any]]) -> list[str]:
+    failed = [r for r in records if r.get("status") == "failed"]
+    if not failed:
+        return []
+    lines = ["## Failed runs", "", "| run | error |", "|---|---|"]
+    for r in failed:
+        error = str(r.get("error", "")).splitlines()[0].replace("|", "\\|")[:300]
+        lines.append(f"| {r['run']} | {error} |")
+    return lines + [""]
+
+
+def _excluded(suite: Suite) -> list[str]:
+    if suite.methods != "all" or not suite.exclude:
+        return []
+    lines = ["## Left out", ""]
+    lines += [f"- {m}: {why or 'excluded by the suite'}" for m, why in sorted(suite.exclude.items())]
+    return lines + [""]
+
+
+def _setup(suite: Suite, records: list[dict[str, Any]]) -> list[str]:
+    ok = [r for r in records if r.get("status") == "ok" and r.get("phase") == "final"]
+    lines = ["## Setup", ""]
+    if ok:
+        versions = ok[-1].get("versions", {})
+        machine = ok[-1].get("machine", {})
+        if versions:
+            lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())
+                                                  if k not in ("machine", "cpus")) + ".")
+        if machine:
+            lines.append(f"Machine: {machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs, "
+                         f"{machine.get('torch_threads', '?')} torch threads.")
+        loads = [r["machine"].get("load_average_before") for r in ok if r.get("machine")]
+        loads = [x for x in loads if x is not None]
+        if loads:
+            lines.append(f"1-minute load average when runs started: {min(loads):.1f} to {max(loads):.1f} "
+                         "(the runs shared the machine; time and step figures include that).")
+        total = sum(r.get("bench_time_s", 0) for r in records)
+        lines.append(f"Bench time of the recorded runs: {total / 60:.1f} min.")
+    if suite.path is not None:
+        lines.append(f"Suite file: `{suite.path.name}`; every run's resolved config is in its record.")
+    return lines + [""]
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def pareto_front(points: list[tuple[float, float, str]], mode: str) -> list[tuple[float, float, str]]:
+    """Points that no other point beats on both axes: fewer (x) and better (y)."""
+    front, best = [], None
+    for x, y, label in sorted(points, key=lambda p: (p[0], -p[1] if mode == "max" else p[1])):
+        if best is None or (y > best if mode == "max" else y < best):
+            front.append((x, y, label))
+            best = y
+    return front
+
+
+def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> list[str]:
+    """Writes the two figures; returns their file names (relative to out_dir)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, mode = score_metric(suite)
+    table = aggregate(records, suite)
+    tasks = [t for t in suite.tasks if any(k[0] == t and v["score"] for k, v in table.items())]
+    if not tasks:
+        return []
+    written = []
+    for filename, quantity, xlabel in ((PLOT_PARAMS, "trainable", "trainable parameters (log scale)"),
+                                       (PLOT_TIME, "train_time", "training wall time, s (log scale)")):
+        figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            points = [(v[quantity][0], v["score"][0], m) for (t, m, impl), v in table.items()
+                      if t == task and impl == "peftlab" and v["score"] and v[quantity] and v[quantity][0] > 0]
+            for x, y, label in points:
+                ax.scatter(x, y, s=28, color="tab:red" if label in BASELINES else "tab:blue", zorder=3)
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            peers = [(v[quantity][0], v["score"][0]) for (t, m, impl), v in table.items()
+                     if t == task and impl == "peft" and v["score"] and v[quantity] and v[quantity][0] > 0]
+            if peers:
+                ax.scatter(*zip(*peers), s=40, facecolors="none", edgecolors="tab:gray", zorder=2, label="peft")
+            front = pareto_front(points, mode)
+            if quantity == "trainable" and len(front) > 1:
+                ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:green",
+                        linewidth=1.2, label="Pareto front", zorder=1)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
+            ax.set_title(task)
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8, loc="best")
+        figure.suptitle(f"bench {suite.name}: mean over seeds {', '.join(map(str, suite.seeds))}")
+        figure.tight_layout()
+        figure.savefig(out_dir / filename, dpi=110)
+        plt.close(figure)
+        written.append(filename)
+    return written
+
+
+def write_report(suite: Suite, results_dir: pathlib.Path) -> pathlib.Path:
+    records = read_records(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(suite, records, results_dir)
+    path = results_dir / "report.md"
+    path.write_text(markdown(suite, records, plots), encoding="utf-8")
+    return path

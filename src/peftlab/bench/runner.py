@@ -1,0 +1,298 @@
+"""The bench loop: run a suite's jobs one after another, skip the finished ones, pick learning rates.
+
+    records = run_suite(suite, results_dir, runs_dir)            # the real thing
+    records = run_suite(suite, results_dir, runs_dir, run_one=fake)  # tests
+
+Each job is an ordinary training run with its own run directory (runs_dir/<job name>/);
+its record is bench/results/<suite>/<job name>.json. A record holds the hash of the run
+config it came from: a rerun skips every job whose record is there with status "ok" and the
+same hash, so an interrupted bench continues where it stopped, and a job whose config changed
+(a different step count, a newly chosen learning rate) runs again.
+
+`run_one(job, config, run_dir, suite) -> dict` does the work; its result is merged into the
+record. The default, `execute.run_job`, trains with the training recipe; the runner calls it
+in a forked child process per run (`execute.Forked`, several at once with the suite's
+`workers`), so peak RSS is each run's own and a crash fails one record, not the bench.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+from ..errors import PeftlabError
+from . import suite as suites
+from .suite import Job, Suite
+
+SCHEMA = 1
+RunOne = Callable[[Job, dict, pathlib.Path, Suite], dict]
+
+
+# ---- records -----------------------------------------------------------------------------------
+
+
+def record_path(results_dir: pathlib.Path, job: Job) -> pathlib.Path:
+    return results_dir / f"{job.name}.json"
+
+
+def write_record(path: pathlib.Path, record: dict[str, Any]) -> None:
+    """Atomically: a bench killed mid-write leaves the old record or none, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(scratch, path)
+
+
+def read_record(path: pathlib.Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # treated as unfinished: the job runs again and replaces it
+    return record if isinstance(record, dict) else None
+
+
+def read_records(results_dir: pathlib.Path) -> list[dict[str, Any]]:
+    records = [read_record(p) for p in sorted(results_dir.glob("*.json"))]
+    return [r for r in records if r is not None and r.get("schema") == SCHEMA]
+
+
+def finished(record: dict[str, Any] | None, config_hash: str) -> bool:
+    return record is not None and record.get("status") == "ok" and record.get("config_hash") == config_hash
+
+
+# ---- learning-rate selection ---------------------------------------------------------------------
+
+
+def metric_value(record: dict[str, Any], metric: str) -> float | None:
+    """`validation.accuracy` -> record["metrics"]["validation"]["accuracy"]."""
+    node: Any = record.get("metrics", {})
+    for part in metric.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, (int, float)) else None
+
+
+def select_lr(suite: Suite, job: Job, results_dir: pathlib.Path) -> tuple[float, dict[str, Any]]:
+    """The grid's best learning rate for (method, task) on the validation metric, and the evidence."""
+    grid = suite.grid(job.method)
+    if len(grid) == 1:
+        return grid[0], {"grid": grid, "chosen": grid[0], "metric": None, "scores": {}}
+    metric, mode = suite.select["metric"], suite.select["mode"]
+    scores: dict[str, float] = {}
+    for lr in grid:
+        probe = Job(job.method, job.task, suite.seeds[0], "select", lr=lr)
+        record = read_record(record_path(results_dir, probe))
+        value = metric_value(record, metric) if record and record.get("status") == "ok" else None
+        if value is not None:
+            scores[f"{lr:g}"] = value
+    if not scores:
+        raise PeftlabError(f"no selection run of {job.method} on {job.task} finished with {metric}: "
+                           "see their records for the error, fix it and run the bench again")
+    best = (max if mode == "max" else min)(scores, key=lambda k: scores[k])  # ties: the first in grid order
+    return float(best), {"grid": grid, "chosen": float(best), "metric": metric, "mode": mode, "scores": scores}
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_line(index: int, total: int, job: Job, spent: list[float], remaining: int, workers: int = 1) -> str:
+    """run i/N, method, task, seed, ETA: the time left from the mean time of the runs done so far."""
+    eta = _duration(sum(spent) / len(spent) * remaining / workers) if spent else "?"
+    what = job.method if job.implementation == "peftlab" else f"{job.method} (peft)"
+    phase = f", lr {job.lr:g} (selection)" if job.phase == "select" else ""
+    return f"run {index}/{total}, {what}, {job.task}, seed {job.seed}{phase}, ETA {eta}"
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def registered_methods() -> list[str]:
+    from ..registry import methods
+
+    return methods()
+
+
+def accepted_fields(method: str) -> set[str]:
+    """The config fields of a registered method (none for baselines and the reference job)."""
+    import dataclasses
+
+    from ..registry import method_class
+
+    if method in suites.BASELINES or method == "reference":
+        return set()
+    return {f.name for f in dataclasses.fields(method_class(method))}
+
+
+def job_config(suite: Suite, job: Job, results_dir: pathlib.Path,
+               runs_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run config, selection evidence) of one job; final runs take the selected rate."""
+    if job.phase == "reference":
+        config = {"model": suite.run.get("model"), "forgetting": suite.forgetting}
+        return config, {}
+    if job.phase == "select":
+        lr, selection = float(job.lr), {}
+    else:
+        lr, selection = select_lr(suite, job, results_dir)
+    config = suites.run_config(suite, job, lr, runs_dir / job.name, accepted_fields(job.method))
+    return with_recipe_defaults(config), selection
+
+
+def with_recipe_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The config completed with `peftlab train`'s defaults, so the record holds every value used.
+
+    The default method section is left out: its LoRA fields (r, alpha) must not leak into
+    another method's config.
+    """
+    from .. import runconfig
+
+    defaults = runconfig.default_dict()
+    defaults.pop("method", None)
+    return runconfig.merge(defaults, config)
+
+
+class InProcess:
+    """Runs each job in this process as soon as it starts (tests, debugging)."""
+
+    def __init__(self, run_one: RunOne):
+        self.run_one = run_one
+        self.finished: list[tuple[Any, tuple[str, Any]]] = []
+
+    def start(self, key: Any, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> None:
+        try:
+            self.finished.append((key, ("ok", self.run_one(job, config, run_dir, suite))))
+        except Exception as err:  # one failing method must not stop the comparison
+            self.finished.append((key, ("error", f"{type(err).__name__}: {err}")))
+
+    def wait(self) -> tuple[Any, tuple[str, Any]]:
+        return self.finished.pop(0)
+
+
+def dependencies(suite: Suite, job: Job, jobs: list[Job]) -> list[Job]:
+    """Jobs that must finish first: a final run's selection runs, and the forgetting reference."""
+    needed = []
+    if job.phase == "final":
+        needed += [j for j in jobs if j.phase == "select" and (j.method, j.task) == (job.method, job.task)]
+    if suite.forgetting is not None and job.phase != "reference":
+        needed += [j for j in jobs if j.phase == "reference"]
+    return needed
+
+
+def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, run_one: RunOne | None = None,
+              methods: list[str] | None = None, tasks: list[str] | None = None, only: list[str] | None = None,
+              peer_methods: set[str] | None = None, echo: Callable[[str], None] = print, dry_run: bool = False,
+              isolate: bool = True, workers: int | None = None, threads: int | None = None) -> list[dict[str, Any]]:
+    """Run (or, with dry_run, list) every job of a suite not finished yet; returns the records.
+
+    isolate: each run in a forked child process (the default; `run_one` runs there), else in
+    this process one after another. workers: runs at once (default: the suite's `workers`);
+    threads: torch threads per run (default: the suite's `threads`).
+    """
+    from . import execute
+
+    run_one = run_one or execute.run_job
+    if peer_methods is None:
+        from .. import peer
+
+        peer_methods = set(peer.METHODS)
+    jobs = suites.plan(suite, registered_methods(), peer_methods, methods=methods, tasks=tasks, only=only)
+    workers = workers or suite.workers
+    executor = (execute.Forked(run_one, workers, threads or suite.threads) if isolate and not dry_run
+                else InProcess(run_one))
+    capacity = workers if isolate else 1
+    records: dict[Job, dict[str, Any]] = {}
+    pending = list(jobs)
+    running: dict[Job, tuple[dict[str, Any], float]] = {}
+    spent: list[float] = []
+    launched = 0
+
+    def settle(job: Job, record: dict[str, Any]) -> None:
+        records[job] = record
+        if not dry_run:
+            write_record(record_path(results_dir, job), record)
+
+    while pending or running:
+        for job in list(pending):
+            if not dry_run and len(running) >= capacity:
+                break
+            if not dry_run and any(d not in records for d in dependencies(suite, job, jobs)):
+                continue  # its selection runs (or the forgetting reference) are still going
+            pending.remove(job)
+            launched += 1
+            head = f"run {launched}/{len(jobs)}"
+            try:
+                config, selection = job_config(suite, job, results_dir, runs_dir)
+            except PeftlabError as err:  # e.g. every selection run of this method failed
+                echo(f"{head}, {job.name}: " + ("would run after its selection runs" if dry_run
+                                                else f"cannot start: {err}"))
+                if not dry_run:
+                    settle(job, {**_identity(suite, job, {}, "", {}), "status": "failed", "error": str(err)})
+                continue
+            digest = suites.config_hash(config, job)
+            existing = read_record(record_path(results_dir, job))
+            if finished(existing, digest):
+                echo(f"{head}, {job.name}: done before, skipped")
+                records[job] = existing
+                continue
+            if dry_run:
+                echo(f"{head}, {job.name}: would run" + (" (config changed)" if existing else ""))
+                continue
+            remaining = len(pending) + len(running) + 1
+            echo(progress_line(launched, len(jobs), job, spent, remaining, capacity))
+            record = {**_identity(suite, job, config, digest, selection), "concurrent_runs": capacity}
+            running[job] = (record, time.time())
+            executor.start(job, job, config, runs_dir / job.name, suite)
+        if not running:
+            if pending and not dry_run:  # cannot happen: dependencies come earlier in the plan
+                raise PeftlabError(f"bench: jobs wait on jobs that never ran: {[j.name for j in pending]}")
+            break
+        job, (status, payload) = executor.wait()
+        record, started = running.pop(job)
+        if status == "ok":
+            record.update(payload)
+            try:
+                add_forgetting_delta(record, suite, results_dir)
+                record["status"] = "ok"
+            except PeftlabError as err:
+                record.update(status="failed", error=str(err))
+        else:
+            record.update(status="failed", error=payload)
+            echo(f"  {job.name} failed: {str(payload).splitlines()[0]}")
+        record["bench_time_s"] = time.time() - started
+        record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        spent.append(record["bench_time_s"])
+        settle(job, record)
+    return [records[j] for j in jobs if j in records]
+
+
+def add_forgetting_delta(record: dict[str, Any], suite: Suite, results_dir: pathlib.Path) -> None:
+    """forgetting.after (this run's loss on the forgetting text) minus the base model's (the reference job)."""
+    forgetting = record.get("forgetting")
+    if not forgetting or suite.forgetting is None:
+        return
+    reference = read_record(record_path(results_dir, Job("reference", "forgetting", suite.forgetting["seed"],
+                                                         "reference")))
+    before = metric_value(reference, "forgetting_text.loss") if reference and reference.get("status") == "ok" else None
+    if before is None:
+        raise PeftlabError("the forgetting reference (the base model's loss) has no result: run the suite's "
+                           "reference job first (it is the suite's first job)")
+    forgetting.update(before=before, delta=forgetting["after"] - before)
+
+
+def _identity(suite: Suite, job: Job, config: dict, digest: str, selection: dict) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA, "suite": suite.name, "run": job.name, "method": job.method, "task": job.task,
+        "seed": job.seed, "phase": job.phase, "implementation": job.implementation,
+        "lr": config.get("optimizer", {}).get("lr"), "lr_grid": suite.grid(job.method) if job.phase != "reference"
+        else None, "selection": selection, "config": config, "config_hash": digest,
+    }

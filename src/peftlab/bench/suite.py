@@ -1,0 +1,349 @@
+"""Bench suites: the YAML schema, its validation, and the plan of runs it expands to.
+
+A suite file (bench/suites/<name>.yaml) says what to compare and how:
+
+    description: one line for the report
+    run:            the run config every run starts from (`peftlab train`'s schema: model,
+                    data, optimizer, schedule, train, ...); `optimizer.lr` comes from `lr`
+    tasks:          task names, or a mapping task -> run-config overrides for that task
+    seeds:          [0, 1, 2]; final runs repeat per seed
+    methods:        all | [registry names]; `all` is expanded when the bench runs, so a
+                    newly registered method joins without editing the suite
+    baselines:      [head-only, full]: the linear probe and full fine-tuning
+    exclude:        {method: reason} left out of `all`; the report lists them with the reason
+    method_fields:  fields given to every method that has a field of that name (r, alpha,
+                    targets, total_steps, ...); a method without the field ignores it
+    overrides:      {method: run-config overrides}, e.g. {vera: {method: {r: 256}}}
+    lr:             {default: [grid], <method>: [grid]}: the learning-rate grid per method
+    select:         {metric: validation.accuracy, mode: max}: how the grid is decided
+    peer:           true | false | [methods]: also train the method through `peft`
+    forgetting:     {examples: 256, max_length: 64}: loss change on held-out movie-dialog
+                    text (causal-LM suites)
+    workers:        runs at once, each in its own process (default 1)
+    threads:        torch threads per run (default: torch's own choice, every core)
+
+Strings "{steps}" and "{lr}" in method fields or overrides become the run's `train.steps`
+and learning rate (for methods with a schedule over the run, AdaLoRA, LaMDA, LoRA-SB, or
+that need the rate, LoRA-SB).
+
+A plan is a list of `Job`s in the order they run. For each task and method: when its grid has
+more than one learning rate, one selection run per rate (the suite's first seed, evaluated on
+the validation split only); then one final run per seed with the chosen rate (evaluated on the
+validation and test splits); then the `peft` peer runs with the same rate and seeds. A suite
+with `forgetting` starts with one reference job: the base model's loss on that text.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Any
+
+import yaml
+
+from ..errors import PeftlabError
+
+BASELINES = ("head-only", "full")
+SUITE_KEYS = ("name", "description", "run", "tasks", "seeds", "methods", "baselines", "exclude", "method_fields",
+              "overrides", "lr", "select", "peer", "forgetting", "workers", "threads")
+TEMPLATES = ("steps", "lr")  # "{steps}", "{lr}" in a suite: the run's train.steps and learning rate
+FORGETTING_DEFAULTS = {"examples": 256, "max_length": 64, "batch_size": 32, "seed": 0}
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    path: pathlib.Path | None
+    description: str
+    run: dict[str, Any]
+    tasks: dict[str, dict[str, Any]]
+    seeds: list[int]
+    methods: Any  # "all" or a list of names
+    baselines: list[str]
+    exclude: dict[str, str]
+    method_fields: dict[str, Any]
+    overrides: dict[str, dict[str, Any]]
+    lr: dict[str, list[float]]
+    select: dict[str, str]
+    peer: Any  # bool or a list of names
+    forgetting: dict[str, Any] | None
+    workers: int = 1  # runs at once, each in its own process
+    threads: int | None = None  # torch threads per run (None: torch's default, all cores)
+
+    def grid(self, method: str) -> list[float]:
+        return list(self.lr.get(method, self.lr["default"]))
+
+    def method_names(self, registered: list[str]) -> list[str]:
+        """The methods this suite compares: baselines first, then the registered ones."""
+        if self.methods == "all":
+            chosen = [m for m in registered if m not in self.exclude]
+        else:
+            unknown = [m for m in self.methods if m not in registered and m not in BASELINES]
+            if unknown:
+                raise PeftlabError(f"suite {self.name}: unknown method(s) {unknown}; registered: "
+                                   f"{', '.join(registered)}; baselines: {', '.join(BASELINES)}")
+            chosen = [m for m in self.methods if m not in BASELINES]
+        return [*self.baselines, *chosen]
+
+    def wants_peer(self, method: str) -> bool:
+        return self.peer is True or (isinstance(self.peer, list) and method in self.peer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run (or the forgetting reference) of a suite."""
+
+    method: str  # a registry name, a baseline, or "reference"
+    task: str
+    seed: int
+    phase: str  # "select" (validation only), "final" (validation + test) or "reference"
+    implementation: str = "peftlab"  # or "peft" for the peer runs
+    lr: float | None = None  # set for selection runs; final runs take the selected rate
+
+    @property
+    def name(self) -> str:
+        parts = [self.method, self.task, f"s{self.seed}"]
+        if self.phase == "select":
+            parts.append(f"lr{self.lr:g}")
+        if self.implementation != "peftlab":
+            parts.append(self.implementation)
+        if self.phase == "select":
+            parts.append("select")
+        return "--".join(parts)
+
+
+# ---- reading and validating a suite ----------------------------------------------------------
+
+
+def suites_dir() -> pathlib.Path:
+    """bench/suites of the checkout: under the working directory, else beside the sources."""
+    here = pathlib.Path.cwd() / "bench" / "suites"
+    if here.is_dir():
+        return here
+    return pathlib.Path(__file__).resolve().parents[3] / "bench" / "suites"
+
+
+def find(name_or_path: str) -> pathlib.Path:
+    path = pathlib.Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise PeftlabError(f"suite file {path} does not exist: check the path")
+        return path
+    candidate = suites_dir() / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in suites_dir().glob("*.yaml"))
+    raise PeftlabError(f"no suite named {name_or_path!r}: use one of {', '.join(known) or '(none found)'} "
+                       f"from {suites_dir()}, or give the path of a suite .yaml file")
+
+
+def load(name_or_path: str) -> Suite:
+    path = find(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise PeftlabError(f"suite file {path} is not valid YAML: {err}") from None
+    return parse(data, name=path.stem, path=path)
+
+
+def _fail(suite: str, message: str) -> None:
+    raise PeftlabError(f"suite {suite}: {message}")
+
+
+def _mapping(suite: str, key: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail(suite, f"{key} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+def _names(suite: str, key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _fail(suite, f"{key} must be a list of names, got {value!r}")
+    return list(value)
+
+
+def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
+    """A validated Suite from the YAML mapping; errors name the key and what is allowed."""
+    if not isinstance(data, dict):
+        raise PeftlabError(f"suite {name} must be a mapping of keys ({', '.join(SUITE_KEYS)})")
+    name = str(data.get("name") or name)
+    unknown = sorted(set(data) - set(SUITE_KEYS))
+    if unknown:
+        _fail(name, f"unknown key(s) {unknown}; allowed: {', '.join(SUITE_KEYS)}")
+    run = _mapping(name, "run", data.get("run"))
+    if "task" in run or "seed" in run or "output" in run:
+        _fail(name, "run sets task, seed or output, which the bench chooses: list tasks under `tasks` "
+                    "and seeds under `seeds`")
+
+    tasks = data.get("tasks")
+    if isinstance(tasks, list) and all(isinstance(t, str) for t in tasks):
+        tasks = {t: {} for t in tasks}
+    if not isinstance(tasks, dict) or not tasks:
+        _fail(name, f"tasks must be a non-empty list of task names (or task -> overrides), got {tasks!r}")
+    tasks = {t: _mapping(name, f"tasks.{t}", o) for t, o in tasks.items()}
+
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                          for s in seeds):
+        _fail(name, f"seeds must be a non-empty list of integers, e.g. [0, 1, 2]; got {seeds!r}")
+
+    methods = data.get("methods", "all")
+    if methods != "all":
+        methods = _names(name, "methods", methods)
+    baselines = _names(name, "baselines", data.get("baselines"))
+    wrong = [b for b in baselines if b not in BASELINES]
+    if wrong:
+        _fail(name, f"baselines {wrong} are unknown; allowed: {', '.join(BASELINES)}")
+
+    exclude = data.get("exclude") or {}
+    if isinstance(exclude, list):
+        exclude = {m: "" for m in exclude}
+    exclude = {str(k): str(v or "") for k, v in _mapping(name, "exclude", exclude).items()}
+
+    lr = _mapping(name, "lr", data.get("lr"))
+    if "default" not in lr:
+        _fail(name, "lr needs a `default` grid, e.g. lr: {default: [1.0e-4, 5.0e-4]}")
+    for key, grid in lr.items():
+        if not isinstance(grid, list) or not grid or not all(isinstance(x, (int, float)) and x > 0 for x in grid):
+            _fail(name, f"lr.{key} must be a non-empty list of positive learning rates, got {grid!r}")
+    lr = {k: [float(x) for x in v] for k, v in lr.items()}
+
+    select = {"metric": "validation.accuracy", "mode": "max", **_mapping(name, "select", data.get("select"))}
+    if select["mode"] not in ("max", "min") or set(select) - {"metric", "mode"}:
+        _fail(name, f"select must be {{metric: <split>.<metric>, mode: max|min}}, got {select!r}")
+    if not isinstance(select["metric"], str) or "." not in select["metric"]:
+        _fail(name, f"select.metric must look like validation.accuracy or validation.loss, got {select['metric']!r}")
+
+    peer = data.get("peer", False)
+    if not isinstance(peer, bool):
+        peer = _names(name, "peer", peer)
+
+    forgetting = data.get("forgetting")
+    if forgetting is not None:
+        forgetting = {**FORGETTING_DEFAULTS, **_mapping(name, "forgetting", forgetting)}
+        extra = sorted(set(forgetting) - set(FORGETTING_DEFAULTS))
+        if extra:
+            _fail(name, f"forgetting allows {', '.join(FORGETTING_DEFAULTS)}; unknown: {extra}")
+
+    workers, threads = data.get("workers", 1), data.get("threads")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        _fail(name, f"workers must be a positive integer (runs at once), got {workers!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        _fail(name, f"threads must be a positive integer (torch threads per run) or null, got {threads!r}")
+
+    overrides = _mapping(name, "overrides", data.get("overrides"))
+    for method, values in overrides.items():
+        _mapping(name, f"overrides.{method}", values)
+    return Suite(name=name, path=path, description=str(data.get("description", "")).strip(), run=run,
+                 tasks=tasks, seeds=list(seeds), methods=methods, baselines=baselines, exclude=exclude,
+                 method_fields=_mapping(name, "method_fields", data.get("method_fields")), overrides=overrides,
+                 lr=lr, select=select, peer=peer, forgetting=forgetting, workers=workers, threads=threads)
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+
+def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: list[str] | None = None,
+         tasks: list[str] | None = None, only: list[str] | None = None) -> list[Job]:
+    """Every job of the suite, in running order, narrowed by the filters.
+
+    `peer_methods`: the methods that have a `peft` counterpart. Filters: `methods` and `tasks`
+    keep those; `only` keeps jobs whose name contains any of the given strings (a final run
+    keeps its selection runs, which decide its learning rate).
+    """
+    chosen = suite.method_names(registered)
+    if methods:
+        missing = sorted(set(methods) - set(chosen))
+        if missing:
+            raise PeftlabError(f"--methods {missing} are not in suite {suite.name}; it has: {', '.join(chosen)}")
+        chosen = [m for m in chosen if m in methods]
+    task_names = list(suite.tasks)
+    if tasks:
+        missing = sorted(set(tasks) - set(task_names))
+        if missing:
+            raise PeftlabError(f"--tasks {missing} are not in suite {suite.name}; it has: {', '.join(task_names)}")
+        task_names = [t for t in task_names if t in tasks]
+
+    jobs: list[Job] = []
+    if suite.forgetting is not None:
+        jobs.append(Job("reference", "forgetting", suite.forgetting["seed"], "reference"))
+    for task in task_names:
+        for method in chosen:
+            grid = suite.grid(method)
+            cell = []
+            if len(grid) > 1:
+                cell += [Job(method, task, suite.seeds[0], "select", lr=lr) for lr in grid]
+            cell += [Job(method, task, seed, "final") for seed in suite.seeds]
+            if suite.wants_peer(method) and method in peer_methods:
+                cell += [Job(method, task, seed, "final", implementation="peft") for seed in suite.seeds]
+            if only:
+                wanted = [j for j in cell if any(o in j.name for o in only)]
+                needs_selection = any(j.phase == "final" for j in wanted)
+                cell = [j for j in cell if j in wanted or (needs_selection and j.phase == "select")]
+            jobs += cell
+    if jobs and jobs[0].phase == "reference" and len(jobs) == 1:
+        return []  # the reference only serves other runs' forgetting
+    return jobs
+
+
+# ---- the run config of one job -----------------------------------------------------------------
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _fill_templates(value: Any, values: dict[str, Any], suite: str) -> Any:
+    """"{steps}" -> the run's train.steps, "{lr}" -> its learning rate, anywhere in the config."""
+    if isinstance(value, dict):
+        return {k: _fill_templates(v, values, suite) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_templates(v, values, suite) for v in value]
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}") and value[1:-1] in TEMPLATES:
+        filled = values[value[1:-1]]
+        if filled is None:
+            _fail(suite, f"a field says {value!r} but the run has no train.steps: set run.train.steps")
+        return filled
+    return value
+
+
+def method_section(suite: Suite, method: str, accepted_fields: set[str]) -> dict[str, Any]:
+    """{name, fields}: the suite's shared method fields that this method has."""
+    shared = {k: v for k, v in suite.method_fields.items() if k in accepted_fields}
+    return {"name": method, **copy.deepcopy(shared)}
+
+
+def run_config(suite: Suite, job: Job, lr: float, output: pathlib.Path,
+               accepted_fields: set[str]) -> dict[str, Any]:
+    """The run config (as a plain mapping, before `peftlab train` validates it) of one job."""
+    config = copy.deepcopy(suite.run)
+    config = deep_merge(config, suite.tasks[job.task])
+    config["task"] = job.task
+    config["method"] = method_section(suite, job.method, accepted_fields)
+    config = deep_merge(config, suite.overrides.get(job.method, {}))
+    config.setdefault("optimizer", {})
+    config["optimizer"] = {**config["optimizer"], "lr": lr}
+    config["seed"] = job.seed
+    config["output"] = str(output)
+    values = {"steps": config.get("train", {}).get("steps"), "lr": lr}
+    return _fill_templates(config, values, suite.name)
+
+
+def config_hash(config: dict[str, Any], job: Job) -> str:
+    """Identifies what a result was computed from (everything but where its files went)."""
+    values = {k: v for k, v in config.items() if k != "output"}
+    values = {**values, "_job": [job.phase, job.implementation]}
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,389 @@
+"""peftlab bench: suites, the plan, result records, resume/skip, learning-rate selection, the report,
+the baselines and the `peft` peer mapping; one real run of a tiny suite through the training recipe.
+
+Most tests drive the runner with a fake `run_one` (no training), so they take milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+import peftlab
+from peftlab import adaptation, peer
+from peftlab.bench import report, runner, suite as suites
+from peftlab.bench.suite import Job
+from peftlab.errors import PeftlabError
+
+from conftest import tiny_bert
+
+REGISTERED = ["dora", "lora", "pissa", "vera"]
+PEERS = {"lora", "dora", "pissa"}
+
+
+def make_suite(**changes) -> suites.Suite:
+    data = {
+        "description": "test suite",
+        "run": {"model": "minilm-l6", "train": {"steps": 10, "batch_size": 4}, "optimizer": {"name": "adamw"}},
+        "tasks": ["movie-sentiment"],
+        "seeds": [0, 1],
+        "methods": "all",
+        "baselines": ["head-only"],
+        "exclude": {"vera": "too slow here"},
+        "method_fields": {"targets": ["query"], "r": 4, "total_steps": "{steps}"},
+        "lr": {"default": [1e-3], "lora": [1e-4, 1e-3]},
+        "peer": True,
+    }
+    data.update(changes)
+    return suites.parse(data, name="t")
+
+
+class FakeTraining:
+    """Stands in for a training run: scores from a table, counts its calls."""
+
+    def __init__(self, validation=None, fail=()):
+        self.calls: list[Job] = []
+        self.validation = validation or {}
+        self.fail = set(fail)
+
+    def __call__(self, job, config, run_dir, suite):
+        self.calls.append(job)
+        if job.name in self.fail:
+            raise RuntimeError("boom")
+        lr = config["optimizer"]["lr"]
+        if job.phase == "select":
+            return {"metrics": {"validation": {"accuracy": self.validation.get(lr, 0.5)}}}
+        score = 0.8 + 0.01 * job.seed + (0.02 if job.implementation == "peft" else 0.0)
+        return {"metrics": {"test": {"accuracy": score}}, "trainable_parameters": 1000 * (1 + len(job.method)),
+                "total_parameters": 10 ** 6, "trainable_share": 1e-3, "train_time_s": 10.0 + job.seed,
+                "s_per_step": 0.5, "peak_rss_mb": 900.0, "steps": 10, "adapter_bytes": 4096}
+
+
+def run(suite, tmp_path, fake, **kw):
+    lines = []
+    kw.setdefault("isolate", False)
+    records = runner.run_suite(suite, tmp_path / "results", tmp_path / "runs", run_one=fake,
+                               peer_methods=PEERS, echo=lines.append, **kw)
+    return records, lines
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    monkeypatch.setattr(runner, "registered_methods", lambda: REGISTERED)
+
+
+# ---- suites and plans ----------------------------------------------------------------------------
+
+
+def test_plan_expands_all_with_baselines_selection_and_peers():
+    jobs = suites.plan(make_suite(), REGISTERED, PEERS)
+    names = [j.name for j in jobs]
+    assert names == [
+        "head-only--movie-sentiment--s0", "head-only--movie-sentiment--s1",
+        "dora--movie-sentiment--s0", "dora--movie-sentiment--s1",
+        "dora--movie-sentiment--s0--peft", "dora--movie-sentiment--s1--peft",
+        "lora--movie-sentiment--s0--lr0.0001--select", "lora--movie-sentiment--s0--lr0.001--select",
+        "lora--movie-sentiment--s0", "lora--movie-sentiment--s1",
+        "lora--movie-sentiment--s0--peft", "lora--movie-sentiment--s1--peft",
+        "pissa--movie-sentiment--s0", "pissa--movie-sentiment--s1",
+        "pissa--movie-sentiment--s0--peft", "pissa--movie-sentiment--s1--peft",
+    ]  # vera is excluded; a one-rate grid needs no selection runs
+
+
+def test_plan_filters_keep_the_selection_a_final_run_needs():
+    s = make_suite()
+    assert [j.method for j in suites.plan(s, REGISTERED, PEERS, methods=["head-only"])] == ["head-only"] * 2
+    only = suites.plan(s, REGISTERED, PEERS, only=["lora--movie-sentiment--s1--peft"])
+    assert [j.name for j in only] == ["lora--movie-sentiment--s0--lr0.0001--select",
+                                      "lora--movie-sentiment--s0--lr0.001--select", "lora--movie-sentiment--s1--peft"]
+    assert [j.name for j in suites.plan(s, REGISTERED, PEERS, only=["head-only--"])] == [
+        "head-only--movie-sentiment--s0", "head-only--movie-sentiment--s1"]
+    with pytest.raises(PeftlabError, match="not in suite t"):
+        suites.plan(s, REGISTERED, PEERS, methods=["vera"])
+
+
+def test_run_config_gives_each_method_only_its_fields_and_fills_templates():
+    s = make_suite()
+    config = suites.run_config(s, Job("lora", "movie-sentiment", 1, "final"), 1e-3, pathlib.Path("out"),
+                               runner.accepted_fields("lora"))
+    assert config["method"] == {"name": "lora", "targets": ["query"], "r": 4}  # LoRA has no total_steps
+    assert config["optimizer"] == {"name": "adamw", "lr": 1e-3}
+    assert (config["task"], config["seed"], config["output"]) == ("movie-sentiment", 1, "out")
+    s = make_suite(overrides={"lora": {"method": {"alpha": "{lr}", "r": "{steps}"}}})
+    config = suites.run_config(s, Job("lora", "movie-sentiment", 0, "final"), 3e-4, pathlib.Path("o"), {"r", "alpha"})
+    assert config["method"]["r"] == 10 and config["method"]["alpha"] == 3e-4
+    assert suites.run_config(s, Job("head-only", "movie-sentiment", 0, "final"), 1e-3, pathlib.Path("o"),
+                             runner.accepted_fields("head-only"))["method"] == {"name": "head-only"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": 1}, "unknown key"),
+    ({"lr": {"lora": [1e-3]}}, "lr needs a `default` grid"),
+    ({"lr": {"default": [0]}}, "positive learning rates"),
+    ({"baselines": ["linear"]}, "allowed: head-only, full"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"run": {"task": "sms-spam"}}, "list tasks under `tasks`"),
+    ({"select": {"metric": "accuracy"}}, "validation.accuracy"),
+])
+def test_bad_suites_name_the_key_and_the_fix(change, message):
+    with pytest.raises(PeftlabError, match=message):
+        make_suite(**change)
+
+
+def test_unknown_method_and_missing_suite():
+    with pytest.raises(PeftlabError, match="unknown method"):
+        make_suite(methods=["lora", "nosuch"]).method_names(REGISTERED)
+    with pytest.raises(PeftlabError, match="no suite named 'nosuch'.*quick"):
+        suites.load("nosuch")
+
+
+@pytest.mark.parametrize("name", ["quick", "standard", "lm"])
+def test_shipped_suites_parse_and_expand(name, monkeypatch):
+    monkeypatch.undo()  # the real registry
+    s = suites.load(name)
+    registered = runner.registered_methods()
+    jobs = suites.plan(s, registered, set(peer.METHODS))
+    finals = [j for j in jobs if j.phase == "final" and j.implementation == "peftlab"]
+    assert {j.method for j in finals} == set(s.method_names(registered))
+    from peftlab import runconfig
+
+    for job in finals:  # every method's run config validates as a `peftlab train` config
+        config = suites.run_config(s, job, s.grid(job.method)[0], pathlib.Path("runs"), runner.accepted_fields(job.method))
+        run = runconfig.validate(runner.with_recipe_defaults(config))
+        assert run.optimizer["lr"] == s.grid(job.method)[0] and run.method["name"] == job.method
+
+
+# ---- running, records, resume --------------------------------------------------------------------
+
+
+def test_records_are_written_and_a_rerun_skips_finished_runs(tmp_path):
+    s = make_suite()
+    fake = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6})
+    records, lines = run(s, tmp_path, fake)
+    assert len(fake.calls) == 16 and all(r["status"] == "ok" for r in records)
+    assert lines[0] == "run 1/16, head-only, movie-sentiment, seed 0, ETA ?"
+    assert lines[6].startswith("run 7/16, lora, movie-sentiment, seed 0, lr 0.0001 (selection), ETA ")
+    record = json.loads((tmp_path / "results" / "lora--movie-sentiment--s1.json").read_text())
+    assert record["schema"] == runner.SCHEMA
+    assert (record["method"], record["task"], record["seed"], record["phase"]) == ("lora", "movie-sentiment", 1, "final")
+    assert record["metrics"]["test"]["accuracy"] == pytest.approx(0.81)
+    assert record["config"]["method"]["r"] == 4 and record["config"]["output"].endswith("lora--movie-sentiment--s1")
+    for key in ("trainable_parameters", "trainable_share", "peak_rss_mb", "train_time_s", "s_per_step",
+                "adapter_bytes", "config_hash", "finished_at", "bench_time_s"):
+        assert key in record
+
+    again = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6})
+    _, lines = run(s, tmp_path, again)
+    assert again.calls == [] and all(line.endswith("done before, skipped") for line in lines)
+
+
+def test_learning_rate_is_chosen_on_validation_and_final_and_peer_runs_use_it(tmp_path):
+    fake = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6})
+    run(make_suite(), tmp_path, fake)
+    results = tmp_path / "results"
+    for name in ("lora--movie-sentiment--s0", "lora--movie-sentiment--s1", "lora--movie-sentiment--s1--peft"):
+        record = json.loads((results / f"{name}.json").read_text())
+        assert record["lr"] == 1e-4
+        assert record["selection"]["scores"] == {"0.0001": 0.7, "0.001": 0.6}
+    select = json.loads((results / "lora--movie-sentiment--s0--lr0.001--select.json").read_text())
+    assert "test" not in select["metrics"]  # selection runs never see the test split
+
+
+def test_a_changed_config_or_a_failed_run_runs_again(tmp_path):
+    s = make_suite(methods=["lora"], lr={"default": [1e-3]}, peer=False, baselines=[], seeds=[0])
+    fake = FakeTraining(fail={"lora--movie-sentiment--s0"})
+    records, lines = run(s, tmp_path, fake)
+    assert records[0]["status"] == "failed" and "boom" in records[0]["error"]
+    assert any("failed: RuntimeError: boom" in line for line in lines)
+    fake = FakeTraining()
+    run(s, tmp_path, fake)
+    assert [j.name for j in fake.calls] == ["lora--movie-sentiment--s0"]  # the failure is retried
+    fake = FakeTraining()
+    run(s, tmp_path, fake)
+    assert fake.calls == []
+    longer = make_suite(methods=["lora"], lr={"default": [1e-3]}, peer=False, baselines=[], seeds=[0],
+                        run={"model": "minilm-l6", "train": {"steps": 20}, "optimizer": {"name": "adamw"}})
+    fake = FakeTraining()
+    run(longer, tmp_path, fake)
+    assert len(fake.calls) == 1  # 20 steps is another run than 10 steps
+
+
+def test_a_damaged_record_counts_as_unfinished(tmp_path):
+    s = make_suite(methods=["lora"], lr={"default": [1e-3]}, peer=False, baselines=[], seeds=[0])
+    run(s, tmp_path, FakeTraining())
+    path = tmp_path / "results" / "lora--movie-sentiment--s0.json"
+    path.write_text(path.read_text()[:40])
+    fake = FakeTraining()
+    run(s, tmp_path, fake)
+    assert len(fake.calls) == 1 and json.loads(path.read_text())["status"] == "ok"
+    assert not list(path.parent.glob(".*.tmp"))  # atomic writes leave no scratch files
+
+
+def test_two_workers_in_child_processes_respect_the_selection_order(tmp_path):
+    """Runs in forked children, two at once; a final run starts only after its selection runs."""
+    import time
+
+    def fake(job, config, run_dir, suite):
+        if job.name == "dora--movie-sentiment--s1":
+            import os
+
+            os._exit(3)  # a crash (e.g. killed for memory) fails this record only
+        time.sleep(0.3 if job.phase == "select" else 0.01)
+        return FakeTraining(validation={1e-4: 0.6, 1e-3: 0.7})(job, config, run_dir, suite)
+
+    records, lines = run(make_suite(), tmp_path, fake, isolate=True, workers=2)
+    assert len(records) == 16 and lines[0].startswith("run 1/16")
+    by_name = {r["run"]: r for r in records}
+    crashed = by_name.pop("dora--movie-sentiment--s1")
+    assert crashed["status"] == "failed" and "exit code 3" in crashed["error"]
+    assert all(r["status"] == "ok" and r["concurrent_runs"] == 2 for r in by_name.values())
+    assert by_name["lora--movie-sentiment--s1--peft"]["lr"] == 1e-3  # the better validation score
+    selected = max(by_name[f"lora--movie-sentiment--s0--lr{lr}--select"]["finished_at"] for lr in ("0.0001", "0.001"))
+    assert by_name["lora--movie-sentiment--s0"]["finished_at"] >= selected
+
+
+def test_dry_run_lists_without_running(tmp_path):
+    fake = FakeTraining()
+    _, lines = run(make_suite(), tmp_path, fake, dry_run=True)
+    assert fake.calls == [] and lines[0] == "run 1/16, head-only--movie-sentiment--s0: would run"
+    assert not (tmp_path / "results").exists()
+
+
+def test_forgetting_is_the_loss_change_against_the_reference(tmp_path):
+    s = make_suite(methods=["lora"], lr={"default": [1e-3]}, peer=False, baselines=[], seeds=[0],
+                   forgetting={"examples": 8})
+
+    def fake(job, config, run_dir, suite):
+        if job.phase == "reference":
+            return {"metrics": {"forgetting_text": {"loss": 3.0}}}
+        return {"metrics": {"test": {"loss": 1.0}}, "forgetting": {"after": 3.25}}
+
+    records, _ = run(s, tmp_path, fake)
+    assert [r["run"] for r in records] == ["reference--forgetting--s0", "lora--movie-sentiment--s0"]
+    assert records[1]["forgetting"] == {"after": 3.25, "before": 3.0, "delta": 0.25}
+
+
+# ---- the report on fixture results -----------------------------------------------------------------
+
+
+def fixture_records(tmp_path) -> tuple[suites.Suite, pathlib.Path]:
+    s = make_suite()
+    run(s, tmp_path, FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6}))
+    failed = {"schema": runner.SCHEMA, "run": "x--movie-sentiment--s0", "status": "failed", "phase": "final",
+              "error": "PeftlabError: something | broke"}
+    runner.write_record(tmp_path / "results" / "x--movie-sentiment--s0.json", failed)
+    return s, tmp_path / "results"
+
+
+def test_report_table_peer_column_grid_and_plots(tmp_path):
+    s, results = fixture_records(tmp_path)
+    path = report.write_report(s, results)
+    text = path.read_text()
+    # mean +- sample std over seeds 0 and 1: 0.80, 0.81 -> 0.805 +- 0.007
+    assert ("| **head-only** | 0.805 ± 0.007 | 10.0k | 0.100 ± 0.000% | 10 ± 1 | 0.500 ± 0.000 | 900 ± 0 | 4.0 KB "
+            "| 0.001 |") in text
+    assert "| lora | 0.805 ± 0.007 | 5.0k |" in text
+    assert "| lora | 0.805 ± 0.007 | 0.825 ± 0.007 | 0.500 ± 0.000 | 0.500 ± 0.000 | 1.00x | 900 ± 0 | 900 ± 0 |" in text
+    assert "| movie-sentiment | lora | 0.0001: 0.7000, 0.001: 0.6000 | 0.0001 |" in text
+    assert "Default grid: 0.001." in text and "Own grids: lora: 0.0001, 0.001." in text
+    assert "| x--movie-sentiment--s0 | PeftlabError: something \\| broke |" in text
+    assert "- vera: too slow here" in text
+    for name in (report.PLOT_PARAMS, report.PLOT_TIME):
+        assert (results / name).stat().st_size > 5000 and f"({name})" in text
+
+
+def test_pareto_front():
+    points = [(10, 0.7, "a"), (5, 0.6, "b"), (20, 0.65, "c"), (30, 0.9, "d"), (5, 0.5, "e")]
+    assert [p[2] for p in report.pareto_front(points, "max")] == ["b", "a", "d"]
+    assert [p[2] for p in report.pareto_front([(1, 2.0, "a"), (2, 1.0, "b"), (3, 1.5, "c")], "min")] == ["a", "b"]
+
+
+def test_bench_command_line(tmp_path, monkeypatch, capsys):
+    from peftlab import bench
+
+    s, results = fixture_records(tmp_path)
+    suite_file = tmp_path / "t.yaml"
+    suite_file.write_text(json.dumps({"tasks": ["movie-sentiment"], "lr": {"default": [1e-3]}, "methods": ["lora"]}))
+    assert bench.main(["report", str(suite_file), "--results", str(results)]) == 0
+    assert "report written to" in capsys.readouterr().out
+    assert bench.main(["report"]) == 2
+    assert "give one suite" in capsys.readouterr().err
+
+
+# ---- baselines and the peft peer -------------------------------------------------------------------
+
+
+def test_baselines_train_the_head_or_everything():
+    model = tiny_bert()
+    model.classifier = torch.nn.Linear(32, 2)
+    head = adaptation.baseline("head-only", model, "classifier")
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained == ["classifier.weight", "classifier.bias"]
+    assert sum(p.numel() for g in head.param_groups(0.1) for p in g["params"]) == 66
+    full = adaptation.baseline("full", model, "classifier")
+    assert all(p.requires_grad for p in model.parameters()) and full.after_step is None
+    with pytest.raises(PeftlabError, match="has none"):
+        adaptation.baseline("head-only", tiny_bert(), None)
+    with pytest.raises(PeftlabError, match="takes no fields"):
+        adaptation.check_baseline_fields({"name": "full", "r": 8})
+
+
+@pytest.mark.parametrize("method, fields", [
+    ("lora", {}), ("rslora", {}), ("pissa", {}), ("olora", {}), ("dora", {}), ("vera", {"r": 16}),
+    ("randlora", {"r": 8}), ("adalora", {"total_steps": 10}),
+])
+def test_peer_adapts_the_same_sites_with_the_same_trainable_count(method, fields):
+    """The peft model trains exactly as many parameters as peftlab's (same sites, rank, head)."""
+    class Run:
+        kind = "classification"
+
+    targets = ["query", "value"]
+    ours = tiny_bert()
+    ours.classifier = torch.nn.Linear(32, 2)
+    peftlab.attach(ours, peftlab.config(method, targets=targets, also_train=["classifier"], **fields))
+    theirs = tiny_bert()
+    theirs.classifier = torch.nn.Linear(32, 2)
+    Run.method = {"name": method, "targets": targets, **fields}
+    plan = peer.plan_for(Run, theirs, "classifier")
+    assert plan.config.target_modules == {f"encoder.layer.{i}.attention.self.{t}" for i in (0, 1) for t in targets}
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(theirs, plan.config)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(peft_model) == count(ours)
+
+
+def test_peer_refuses_methods_without_a_counterpart():
+    class Run:
+        kind = "classification"
+        method = {"name": "nola", "targets": ["query"]}
+
+    with pytest.raises(PeftlabError, match="no counterpart of 'nola'"):
+        peer.plan_for(Run, tiny_bert(), None)
+
+
+# ---- one real tiny suite through the training recipe -----------------------------------------------
+
+
+def test_real_runs_of_a_tiny_suite(tmp_path, monkeypatch):
+    """head-only, LoRA and LoRA through peft: 2 steps each on 160 examples of movie sentiment."""
+    monkeypatch.undo()
+    s = suites.parse({
+        "run": {"model": "minilm-l6", "data": {"max_length": 32, "limit": 160},
+                "train": {"steps": 2, "batch_size": 8, "eval_batch_size": 32, "save_every": 1000,
+                          "progress": False}, "optimizer": {"name": "adamw"}},
+        "tasks": ["movie-sentiment"], "seeds": [0], "methods": ["lora"], "baselines": ["head-only"],
+        "method_fields": {"targets": ["query", "value"]}, "lr": {"default": [1e-3]}, "peer": ["lora"],
+    }, name="tiny")
+    records = runner.run_suite(s, tmp_path / "results", tmp_path / "runs", echo=lambda line: None)
+    assert [r["status"] for r in records] == ["ok"] * 3, [r.get("error") for r in records]
+    head, ours, theirs = records
+    assert head["trainable_parameters"] == 384 * 2 + 2
+    assert ours["trainable_parameters"] == theirs["trainable_parameters"] == 6 * 2 * 8 * (384 + 384) + 770
+    for r in records:
+        assert r["steps"] == 2 and 0 <= r["metrics"]["test"]["accuracy"] <= 1 and "validation" not in r["metrics"]
+        assert r["peak_rss_mb"] > 100 and r["adapter_bytes"] > 0 and r["s_per_step"] > 0
+        assert r["versions"]["peft"] and r["machine"]["cpus"]
+    assert (tmp_path / "runs" / "lora--movie-sentiment--s0--peft" / "adapter" / "adapter_config.json").is_file()

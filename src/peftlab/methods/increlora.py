@@ -98,9 +98,12 @@ class IncreLoRAAdapter(Adapter):
 
     def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
         x_in = self.dropout(x)
-        h = self.kind.apply_in(host, x_in, self.A) * self.gates()  # (..., capacity)
-        delta = self.kind.apply_out(host, h, self.B) * self.scale()  # (..., out)
-        if self.growing and self.training and delta.requires_grad:
+        h = self.kind.apply_in(host, x_in, self.A) * (self.gates() * self.scale())  # (..., capacity)
+        if not (self.growing and self.training and torch.is_grad_enabled()):
+            return self.kind.add_out(host, base(x), h, self.B)
+        # While ranks are handed out, the update's own output gradient gives the sensitivity.
+        delta = self.kind.apply_out(host, h, self.B)  # (..., out)
+        if delta.requires_grad:
             delta.register_hook(partial(self._record_sensitivity, x_in.detach()))
         return base(x) + delta
 

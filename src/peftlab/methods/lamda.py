@@ -64,8 +64,8 @@ class LaMDAAdapter(Adapter):
 
     def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
         h = self.kind.apply_in(host, self.dropout(x), self.A)  # (..., r)
-        h = self.kind.apply_out(host, h, self.Sigma)  # (..., r)
-        return base(x) + self.kind.apply_out(host, h, self.effective_B()) * self.scale
+        h = self.kind.apply_out(host, h, self.Sigma) * self.scale  # (..., r)
+        return self.kind.add_out(host, base(x), h, self.effective_B())
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.effective_B() @ self.Sigma @ self.A)  # (out, in)

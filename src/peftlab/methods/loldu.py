@@ -79,8 +79,8 @@ class LoLDUAdapter(Adapter):
             self.z.copy_(D[:r])
 
     def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
-        h = self.kind.apply_in(host, x, self.U) * self.z  # (..., r)
-        return base(x) + self.kind.apply_out(host, h, self.PL) * self.current_scale()
+        h = self.kind.apply_in(host, x, self.U) * (self.z * self.current_scale())  # (..., r)
+        return self.kind.add_out(host, base(x), h, self.PL)
 
     def delta_weight(self) -> Tensor:
         return self.current_scale() * (self.PL * self.z) @ self.U  # (out, in)

@@ -64,7 +64,7 @@ class LoRASBAdapter(Adapter):
     def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
         h = self.kind.apply_in(host, self.dropout(x), self.A)  # (..., r)
         h = self.kind.apply_out(host, h, self.R)  # (..., r)
-        return base(x) + self.kind.apply_out(host, h, self.B)
+        return self.kind.add_out(host, base(x), h, self.B)
 
     def delta_weight(self) -> Tensor:
         return self.B @ self.R @ self.A  # (out, in)

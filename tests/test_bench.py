@@ -355,6 +355,42 @@ def test_peer_adapts_the_same_sites_with_the_same_trainable_count(method, fields
     assert count(peft_model) == count(ours)
 
 
+@pytest.mark.parametrize("method", ["corda", "eva", "lora_ga"])
+def test_peer_data_driven_inits_take_padded_calibration_batches(method):
+    """The recipe's calibration batches (right-padded, one label per example) reach peft's init."""
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64,
+                                                     max_position_embeddings=64, num_labels=2))
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(6):
+        mask = torch.ones(4, 20, dtype=torch.long)
+        mask[1, 12:] = 0
+        mask[3, 7:] = 0
+        batches.append({"input_ids": torch.randint(1, 100, (4, 20), generator=g) * mask, "attention_mask": mask,
+                        "labels": torch.randint(0, 2, (4,), generator=g)})
+    rows = peer.single_sequences(batches[:1])
+    assert [r["input_ids"].shape[1] for r in rows] == [20, 12, 20, 7] and rows[3]["labels"].shape == (1,)
+
+    class Run:
+        kind = "classification"
+
+    Run.method = {"name": method, "r": 2, "targets": ["query", "value"]}
+    plan = peer.plan_for(Run, model, "classifier")
+    if plan.before:
+        plan.before(model, batches)
+    peft_model = get_peft_model(model, plan.config, low_cpu_mem_usage=plan.low_cpu_mem_usage)
+    if plan.after:
+        plan.after(peft_model, batches)
+    lora_a = [n for n, p in peft_model.named_parameters() if "lora_A" in n]
+    assert len(lora_a) == 4
+    assert torch.isfinite(peft_model(**batches[0]).logits).all()
+
+
 def test_peer_refuses_methods_without_a_counterpart():
     class Run:
         kind = "classification"
@@ -368,22 +404,31 @@ def test_peer_refuses_methods_without_a_counterpart():
 
 
 def test_real_runs_of_a_tiny_suite(tmp_path, monkeypatch):
-    """head-only, LoRA and LoRA through peft: 2 steps each on 160 examples of movie sentiment."""
+    """head-only, LoRA and AdaLoRA, each also through peft: 2 steps each on 160 examples of movie sentiment.
+
+    AdaLoRA reads each step's gradients in its step hook: it trains only if the recipe calls the
+    hook before the optimizer's gradients are cleared.
+    """
     monkeypatch.undo()
     s = suites.parse({
         "run": {"model": "minilm-l6", "data": {"max_length": 32, "limit": 160},
                 "train": {"steps": 2, "batch_size": 8, "eval_batch_size": 32, "save_every": 1000,
                           "progress": False}, "optimizer": {"name": "adamw"}},
-        "tasks": ["movie-sentiment"], "seeds": [0], "methods": ["lora"], "baselines": ["head-only"],
-        "method_fields": {"targets": ["query", "value"]}, "lr": {"default": [1e-3]}, "peer": ["lora"],
+        "tasks": ["movie-sentiment"], "seeds": [0], "methods": ["lora", "adalora"], "baselines": ["head-only"],
+        "method_fields": {"targets": ["query", "value"], "total_steps": "{steps}"}, "lr": {"default": [1e-3]},
+        "peer": ["lora", "adalora"], "workers": 2, "threads": 1,
     }, name="tiny")
     records = runner.run_suite(s, tmp_path / "results", tmp_path / "runs", echo=lambda line: None)
-    assert [r["status"] for r in records] == ["ok"] * 3, [r.get("error") for r in records]
-    head, ours, theirs = records
-    assert head["trainable_parameters"] == 384 * 2 + 2
-    assert ours["trainable_parameters"] == theirs["trainable_parameters"] == 6 * 2 * 8 * (384 + 384) + 770
+    by_name = {r["run"].split("--movie-sentiment--s0")[0] + r["run"].split("--s0")[1]: r for r in records}
+    assert sorted(by_name) == ["adalora", "adalora--peft", "head-only", "lora", "lora--peft"]
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert by_name["head-only"]["trainable_parameters"] == 384 * 2 + 2
+    lora_count = 6 * 2 * 8 * (384 + 384) + 770
+    assert by_name["lora"]["trainable_parameters"] == by_name["lora--peft"]["trainable_parameters"] == lora_count
+    assert by_name["adalora"]["trainable_parameters"] == by_name["adalora--peft"]["trainable_parameters"]
     for r in records:
         assert r["steps"] == 2 and 0 <= r["metrics"]["test"]["accuracy"] <= 1 and "validation" not in r["metrics"]
         assert r["peak_rss_mb"] > 100 and r["adapter_bytes"] > 0 and r["s_per_step"] > 0
-        assert r["versions"]["peft"] and r["machine"]["cpus"]
+        assert r["versions"]["peft"] and r["machine"]["torch_threads"] == 1
     assert (tmp_path / "runs" / "lora--movie-sentiment--s0--peft" / "adapter" / "adapter_config.json").is_file()
+    assert "train_runtime" in (tmp_path / "runs" / "lora--movie-sentiment--s0.log").read_text()

@@ -14,7 +14,8 @@ hyperparameters. What each mapping needs to say:
     head           a classifier's new head trains in full in both (`also_train` here,
                    `modules_to_save` there)
     calibration    EVA, CorDA and LoRA-GA get the recipe's calibration batches, the same ones
-                   peftlab's initialisation sees
+                   peftlab's initialisation sees (CorDA one unpadded sequence at a time, the
+                   only input `peft`'s CorDA takes)
     AdaLoRA        `update_and_allocate(step)` after each optimizer step; its orthogonality
                    regulariser, which `peft` adds inside forward only when the model computes
                    its own loss (the recipe computes the loss from the logits), is added the way
@@ -49,6 +50,7 @@ class PeerPlan:
     after: Callable[[nn.Module, list[dict]], None] | None = None  # (peft model, calibration batches)
     after_step: Callable[[nn.Module, int], None] | None = None  # (peft model, step)
     regularization: Callable[[nn.Module], torch.Tensor | None] | None = None
+    low_cpu_mem_usage: bool = False  # adapters start empty and `after` fills them (peft's advice for EVA)
 
 
 # ---- one mapping per method ------------------------------------------------------------------
@@ -100,7 +102,7 @@ def eva(cfg, sites, head) -> PeerPlan:
         initialize_lora_eva_weights(peft_model, batches, prepare_model_inputs_fn=token_mask,
                                     show_progress_bar=False)
 
-    return PeerPlan(config, after=initialise)
+    return PeerPlan(config, after=initialise, low_cpu_mem_usage=True)
 
 
 def corda(cfg, sites, head) -> PeerPlan:
@@ -110,10 +112,23 @@ def corda(cfg, sites, head) -> PeerPlan:
     config = _lora_family(cfg, sites, head, init_lora_weights="corda", corda_config=CordaConfig(corda_method=cfg.mode))
 
     def collect(model: nn.Module, batches: list[dict]) -> None:
+        # peft's CorDA takes the covariance of each forward's (tokens, features) input, so it is fed
+        # one unpadded sequence at a time, as its official code does (peftlab's takes padded batches
+        # and leaves the padding out: the same tokens, weighted per batch instead of per sequence)
         with torch.no_grad():
-            preprocess_corda(model, config, run_model=lambda: [model(**b) for b in batches])
+            preprocess_corda(model, config, run_model=lambda: [model(**row) for row in single_sequences(batches)])
 
     return PeerPlan(config, before=collect)
+
+
+def single_sequences(batches: list[dict]) -> list[dict]:
+    """Right-padded batches as batches of one sequence each, padding removed."""
+    rows = []
+    for batch in batches:
+        for i, mask in enumerate(batch["attention_mask"]):
+            length = int(mask.sum())
+            rows.append({k: v[i:i + 1, :length] if v.dim() == 2 else v[i:i + 1] for k, v in batch.items()})
+    return rows
 
 
 def lora_ga(cfg, sites, head) -> PeerPlan:
@@ -217,7 +232,7 @@ def adapt(model: nn.Module, run, calibration: Callable[[], list[dict]]) -> Adapt
     batches = calibration() if plan.before or plan.after else []
     if plan.before:
         plan.before(model, batches)
-    peft_model = get_peft_model(model, plan.config, adapter_name=ADAPTER_NAME)
+    peft_model = get_peft_model(model, plan.config, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=plan.low_cpu_mem_usage)
     if plan.after:
         plan.after(peft_model, batches)
     peft_model.train()

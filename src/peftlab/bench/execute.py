@@ -79,9 +79,17 @@ def _warm_imports() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import safetensors.torch  # noqa: F401
     import transformers  # noqa: F401
-    from transformers import Trainer  # noqa: F401
+    from accelerate import PartialState  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer  # noqa: F401
     from transformers.utils import logging
+
+    try:  # the recipe logs to TensorBoard when it is installed; its import alone takes seconds
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        from transformers.integrations import TensorBoardCallback  # noqa: F401
+    except ImportError:
+        pass
 
     from .. import train  # noqa: F401
 
@@ -94,6 +102,7 @@ def _warm_imports() -> None:
 
 def _child(run_one, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, threads: int | None, send) -> None:
     try:
+        _output_to(run_dir.parent / f"{job.name}.log")  # the Trainer's log lines: beside the run directory
         if threads:
             import torch
 
@@ -106,6 +115,21 @@ def _child(run_one, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite,
         send.send(("error", detail))
     finally:
         send.close()
+
+
+def _output_to(path: pathlib.Path) -> None:
+    import sys
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    # Python-level writers too (under pytest, sys.stdout is not file descriptor 1).
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", closefd=False)
 
 
 # ---- the child's side --------------------------------------------------------------------------

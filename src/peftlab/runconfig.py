@@ -173,6 +173,10 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def _accepted(section: str, name: str, old: dict[str, Any]) -> dict[str, Any]:
     """The fields of `old` that the newly named method/optimizer/loss also takes."""
+    from .adaptation import BASELINES
+
+    if section == "method" and name in BASELINES:  # head-only, full: no fields to keep
+        return {"name": name}
     try:
         if section == "method":
             from . import registry

@@ -27,6 +27,10 @@ output is unchanged at attach. Factors, as the official code for each layer kind
 Scale: the vision code multiplies by a plain `scale` (4.0 in its example), the NLP code by
 alpha / r; here alpha / r for both, default alpha = 2 r as LoRA's.
 
+Learning rate: the core starts at 0 and the factors receive no gradient until it grows, so
+FLoRA wants a larger rate than LoRA. MiniLM-L6 on movie sentiment, q/v, r = 8, 150 steps of
+32: lr 5e-4 gave 0.679 test accuracy, lr 5e-3 gave 0.817 (LoRA at 5e-4: 0.747).
+
 Conv2d fast path: the kernel ΔW (out, in, kh, kw) is small, so it is rebuilt each forward
 and applied as one extra convolution with the host's stride, padding and dilation.
 """

@@ -28,6 +28,7 @@ import dataclasses
 import importlib
 import inspect
 import pathlib
+import re
 from typing import Any
 
 import yaml
@@ -133,8 +134,23 @@ class RunConfig:
 # ---- reading and overriding ------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as users write it: `5e-4` is a float (YAML 1.1 reads it as a string without a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def default_dict() -> dict[str, Any]:
-    return yaml.safe_load(DEFAULT_YAML)
+    return _load_yaml(DEFAULT_YAML)
 
 
 def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
@@ -142,7 +158,7 @@ def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     if not path.is_file():
         raise PeftlabError(f"config file {path} does not exist: check the path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -196,7 +212,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if not sep or not key.strip():
         raise PeftlabError(f"--set {text!r} is not key=value: write e.g. --set train.batch_size=16")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise PeftlabError(f"--set {text!r}: the value is not valid YAML; quote strings with special characters") from None
     out: dict[str, Any] = {}

@@ -495,9 +495,10 @@ def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool
     if task.kind == "sft":  # only the loss: gathering every token's logits would cost gigabytes
         trainer.args.prediction_loss_only = True
 
-    training_started = time.time()
+    training_started, training_cpu_started = time.time(), time.process_time()
     output = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     training_time = time.time() - training_started
+    training_cpu_time = time.process_time() - training_cpu_started  # all threads: steadier than wall time when busy
 
     # 6. final metrics, the adapter and the summary
     metrics: dict[str, Any] = {}
@@ -513,7 +514,8 @@ def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool
         "run": str(run_dir), "model": run.model, "task": run.task, "method": run.method["name"],
         "metrics": metrics, "trainable_parameters": trainable, "total_parameters": total,
         "trainable_share": trainable / total, "steps": output.global_step,
-        "train_time_s": training_time, "steps_per_second": steps_done / training_time if training_time else None,
+        "train_time_s": training_time, "train_cpu_time_s": training_cpu_time,
+        "steps_per_second": steps_done / training_time if training_time else None,
         "wall_time_s": time.time() - started, "peak_rss_mb": _peak_rss_mb(), "processes": state.num_processes,
         "resumed_from": str(latest) if latest else None, "versions": _versions(),
     }

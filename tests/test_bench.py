@@ -58,7 +58,7 @@ class FakeTraining:
         score = 0.8 + 0.01 * job.seed + (0.02 if job.implementation == "peft" else 0.0)
         return {"metrics": {"test": {"accuracy": score}}, "trainable_parameters": 1000 * (1 + len(job.method)),
                 "total_parameters": 10 ** 6, "trainable_share": 1e-3, "train_time_s": 10.0 + job.seed,
-                "s_per_step": 0.5, "peak_rss_mb": 900.0, "steps": 10, "adapter_bytes": 4096}
+                "s_per_step": 0.5, "cpu_s_per_step": 0.4 if job.implementation == "peft" else 0.5, "peak_rss_mb": 900.0, "steps": 10, "adapter_bytes": 4096}
 
 
 def run(suite, tmp_path, fake, **kw):
@@ -150,7 +150,8 @@ def test_shipped_suites_parse_and_expand(name, monkeypatch):
     from peftlab import runconfig
 
     for job in finals:  # every method's run config validates as a `peftlab train` config
-        config = suites.run_config(s, job, s.grid(job.method)[0], pathlib.Path("runs"), runner.accepted_fields(job.method))
+        fields = runner.accepted_fields(job.method)
+        config = suites.run_config(s, job, s.grid(job.method)[0], pathlib.Path("runs"), fields)
         run = runconfig.validate(runner.with_recipe_defaults(config))
         assert run.optimizer["lr"] == s.grid(job.method)[0] and run.method["name"] == job.method
 
@@ -167,7 +168,8 @@ def test_records_are_written_and_a_rerun_skips_finished_runs(tmp_path):
     assert lines[6].startswith("run 7/16, lora, movie-sentiment, seed 0, lr 0.0001 (selection), ETA ")
     record = json.loads((tmp_path / "results" / "lora--movie-sentiment--s1.json").read_text())
     assert record["schema"] == runner.SCHEMA
-    assert (record["method"], record["task"], record["seed"], record["phase"]) == ("lora", "movie-sentiment", 1, "final")
+    assert (record["method"], record["task"], record["seed"]) == ("lora", "movie-sentiment", 1)
+    assert record["phase"] == "final" and record["implementation"] == "peftlab"
     assert record["metrics"]["test"]["accuracy"] == pytest.approx(0.81)
     assert record["config"]["method"]["r"] == 4 and record["config"]["output"].endswith("lora--movie-sentiment--s1")
     for key in ("trainable_parameters", "trainable_share", "peak_rss_mb", "train_time_s", "s_per_step",
@@ -282,10 +284,11 @@ def test_report_table_peer_column_grid_and_plots(tmp_path):
     path = report.write_report(s, results)
     text = path.read_text()
     # mean +- sample std over seeds 0 and 1: 0.80, 0.81 -> 0.805 +- 0.007
-    assert ("| **head-only** | 0.805 ± 0.007 | 10.0k | 0.100 ± 0.000% | 10 ± 1 | 0.500 ± 0.000 | 900 ± 0 | 4.0 KB "
-            "| 0.001 |") in text
+    assert ("| **head-only** | 0.805 ± 0.007 | 10.0k | 0.100 ± 0.000% | 10 ± 1 | 0.500 ± 0.000 | 0.500 ± 0.000 "
+            "| 900 ± 0 | 4.0 KB | 0.001 |") in text
     assert "| lora | 0.805 ± 0.007 | 5.0k |" in text
-    assert "| lora | 0.805 ± 0.007 | 0.825 ± 0.007 | 0.500 ± 0.000 | 0.500 ± 0.000 | 1.00x | 900 ± 0 | 900 ± 0 |" in text
+    assert ("| lora | 0.805 ± 0.007 | 0.825 ± 0.007 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 "
+            "| 1.25x | 900 ± 0 | 900 ± 0 |") in text  # side by side with peft
     assert "| movie-sentiment | lora | 0.0001: 0.7000, 0.001: 0.6000 | 0.0001 |" in text
     assert "Default grid: 0.001." in text and "Own grids: lora: 0.0001, 0.001." in text
     assert "| x--movie-sentiment--s0 | PeftlabError: something \\| broke |" in text
@@ -328,6 +331,17 @@ def test_baselines_train_the_head_or_everything():
         adaptation.baseline("head-only", tiny_bert(), None)
     with pytest.raises(PeftlabError, match="takes no fields"):
         adaptation.check_baseline_fields({"name": "full", "r": 8})
+
+
+def test_baselines_are_run_configs():
+    """`peftlab train --set method.name=full` drops the default LoRA's fields; fields are refused."""
+    from peftlab import runconfig
+
+    assert runconfig.build(None, ["method.name=full"]).method == {"name": "full"}
+    assert runconfig.build(None, ["method.name=head-only"]).method == {"name": "head-only"}
+    with pytest.raises(PeftlabError, match="baseline 'full' takes no fields, got \\['r'\\]"):
+        runconfig.build(None, ["method.name=full", "method.r=4"])
+    assert "head-only" not in peftlab.methods()
 
 
 @pytest.mark.parametrize("method, fields", [
@@ -428,7 +442,7 @@ def test_real_runs_of_a_tiny_suite(tmp_path, monkeypatch):
     assert by_name["adalora"]["trainable_parameters"] == by_name["adalora--peft"]["trainable_parameters"]
     for r in records:
         assert r["steps"] == 2 and 0 <= r["metrics"]["test"]["accuracy"] <= 1 and "validation" not in r["metrics"]
-        assert r["peak_rss_mb"] > 100 and r["adapter_bytes"] > 0 and r["s_per_step"] > 0
+        assert r["peak_rss_mb"] > 100 and r["adapter_bytes"] > 0 and r["s_per_step"] > 0 and r["cpu_s_per_step"] > 0
         assert r["versions"]["peft"] and r["machine"]["torch_threads"] == 1
     assert (tmp_path / "runs" / "lora--movie-sentiment--s0--peft" / "adapter" / "adapter_config.json").is_file()
     assert "train_runtime" in (tmp_path / "runs" / "lora--movie-sentiment--s0.log").read_text()

@@ -57,6 +57,7 @@ def aggregate(records: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, st
             "share": _stats([r.get("trainable_share") for r in runs]),
             "train_time": _stats([r.get("train_time_s") for r in runs]),
             "s_per_step": _stats([r.get("s_per_step") for r in runs]),
+            "cpu_s_per_step": _stats([r.get("cpu_s_per_step") for r in runs]),
             "rss": _stats([r.get("peak_rss_mb") for r in runs]),
             "adapter": _stats([r.get("adapter_bytes") for r in runs]),
             "forgetting": _stats([(r.get("forgetting") or {}).get("delta") for r in runs]),
@@ -133,8 +134,8 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str]) -> s
     has_forgetting = any(v["forgetting"] is not None for v in table.values())
     for task in tasks:
         lines += [f"## {task}", ""]
-        header = ["method", metric, "trainable", "share", "train time (s)", "s/step", "peak RSS (MB)", "adapter file",
-                  "lr"]
+        header = ["method", metric, "trainable", "share", "train time (s)", "s/step", "CPU s/step", "peak RSS (MB)",
+                  "adapter file", "lr"]
         if has_forgetting:
             header.insert(2, "forgetting (Δ loss)")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -142,7 +143,8 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str]) -> s
             row = table[(task, method, "peftlab")]
             cells = [f"**{method}**" if method in BASELINES else method, _mean_std(row["score"]),
                      _count(row["trainable"]), _mean_std(row["share"], 3, 100) + "%", _mean_std(row["train_time"], 0),
-                     _mean_std(row["s_per_step"], 3), _mean_std(row["rss"], 0), _bytes(row["adapter"]),
+                     _mean_std(row["s_per_step"], 3), _mean_std(row["cpu_s_per_step"], 3), _mean_std(row["rss"], 0),
+                     _bytes(row["adapter"]),
                      f"{row['lr']:g}" if row["lr"] else "-"]
             if has_forgetting:
                 cells.insert(2, _mean_std(row["forgetting"], 3))
@@ -162,16 +164,19 @@ def _peer_table(table: dict, task: str, metric: str) -> list[str]:
     pairs = sorted(m for (t, m, impl) in table if t == task and impl == "peft" and (t, m, "peftlab") in table)
     if not pairs:
         return []
-    lines = [f"Side by side with `peft` (same model, data, seed, hyperparameters and learning rate):", "",
-             f"| method | {metric} peftlab | {metric} peft | s/step peftlab | s/step peft | step time ratio "
-             "| peak RSS peftlab (MB) | peak RSS peft (MB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["Side by side with `peft` (same model, data, seed, hyperparameters and learning rate). The step-time "
+             "ratio is peftlab / peft in CPU seconds per step, which a busy machine disturbs less than wall time:", "",
+             f"| method | {metric} peftlab | {metric} peft | s/step peftlab | s/step peft | CPU s/step peftlab "
+             "| CPU s/step peft | step time ratio | peak RSS peftlab (MB) | peak RSS peft (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method in pairs:
         ours, theirs = table[(task, method, "peftlab")], table[(task, method, "peft")]
         ratio = "-"
-        if ours["s_per_step"] and theirs["s_per_step"]:
-            ratio = f"{ours['s_per_step'][0] / theirs['s_per_step'][0]:.2f}x"
+        if ours["cpu_s_per_step"] and theirs["cpu_s_per_step"]:
+            ratio = f"{ours['cpu_s_per_step'][0] / theirs['cpu_s_per_step'][0]:.2f}x"
         lines.append(f"| {method} | {_mean_std(ours['score'])} | {_mean_std(theirs['score'])} | "
-                     f"{_mean_std(ours['s_per_step'], 3)} | {_mean_std(theirs['s_per_step'], 3)} | {ratio} | "
+                     f"{_mean_std(ours['s_per_step'], 3)} | {_mean_std(theirs['s_per_step'], 3)} | "
+                     f"{_mean_std(ours['cpu_s_per_step'], 3)} | {_mean_std(theirs['cpu_s_per_step'], 3)} | {ratio} | "
                      f"{_mean_std(ours['rss'], 0)} | {_mean_std(theirs['rss'], 0)} |")
     return lines + [""]
 
@@ -226,15 +231,17 @@ def _setup(suite: Suite, records: list[dict[str, Any]]) -> list[str]:
             lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())
                                                   if k not in ("machine", "cpus")) + ".")
         if machine:
-            lines.append(f"Machine: {machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs, "
-                         f"{machine.get('torch_threads', '?')} torch threads.")
+            lines.append(f"Machine: {machine.get('platform', '?')}, {machine.get('cpus', '?')} CPUs; "
+                         f"torch threads per run: {machine.get('torch_threads', '?')}; runs at once: "
+                         f"{ok[-1].get('concurrent_runs', 1)}.")
         loads = [r["machine"].get("load_average_before") for r in ok if r.get("machine")]
         loads = [x for x in loads if x is not None]
         if loads:
             lines.append(f"1-minute load average when runs started: {min(loads):.1f} to {max(loads):.1f} "
                          "(the runs shared the machine; time and step figures include that).")
         total = sum(r.get("bench_time_s", 0) for r in records)
-        lines.append(f"Bench time of the recorded runs: {total / 60:.1f} min.")
+        cpu = sum(r.get("cpu_time_s") or 0 for r in records)
+        lines.append(f"Sum of the recorded runs' times: {total / 60:.1f} min (CPU time: {cpu / 60:.1f} min).")
     if suite.path is not None:
         lines.append(f"Suite file: `{suite.path.name}`; every run's resolved config is in its record.")
     return lines + [""]

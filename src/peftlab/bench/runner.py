@@ -16,6 +16,7 @@ in a forked child process per run (`execute.Forked`, several at once with the su
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -207,72 +208,97 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
         peer_methods = set(peer.METHODS)
     jobs = suites.plan(suite, registered_methods(), peer_methods, methods=methods, tasks=tasks, only=only)
     workers = workers or suite.workers
-    executor = (execute.Forked(run_one, workers, threads or suite.threads) if isolate and not dry_run
-                else InProcess(run_one))
-    capacity = workers if isolate else 1
-    records: dict[Job, dict[str, Any]] = {}
+    if isolate and not dry_run:
+        executor = execute.Forked(run_one, workers, threads or suite.threads)
+    else:
+        executor, workers = InProcess(run_one), 1
+    loop = Loop(suite, jobs, results_dir, runs_dir, executor, workers, echo, dry_run)
     pending = list(jobs)
-    running: dict[Job, tuple[dict[str, Any], float]] = {}
-    spent: list[float] = []
-    launched = 0
-
-    def settle(job: Job, record: dict[str, Any]) -> None:
-        records[job] = record
-        if not dry_run:
-            write_record(record_path(results_dir, job), record)
-
-    while pending or running:
-        for job in list(pending):
-            if not dry_run and len(running) >= capacity:
+    while pending or loop.running:
+        for job in list(pending):  # in plan order: a job's dependencies come before it
+            if not dry_run and len(loop.running) >= workers:
                 break
-            if not dry_run and any(d not in records for d in dependencies(suite, job, jobs)):
-                continue  # its selection runs (or the forgetting reference) are still going
-            pending.remove(job)
-            launched += 1
-            head = f"run {launched}/{len(jobs)}"
-            try:
-                config, selection = job_config(suite, job, results_dir, runs_dir)
-            except PeftlabError as err:  # e.g. every selection run of this method failed
-                echo(f"{head}, {job.name}: " + ("would run after its selection runs" if dry_run
-                                                else f"cannot start: {err}"))
-                if not dry_run:
-                    settle(job, {**_identity(suite, job, {}, "", {}), "status": "failed", "error": str(err)})
-                continue
-            digest = suites.config_hash(config, job)
-            existing = read_record(record_path(results_dir, job))
-            if finished(existing, digest):
-                echo(f"{head}, {job.name}: done before, skipped")
-                records[job] = existing
-                continue
-            if dry_run:
-                echo(f"{head}, {job.name}: would run" + (" (config changed)" if existing else ""))
-                continue
-            remaining = len(pending) + len(running) + 1
-            echo(progress_line(launched, len(jobs), job, spent, remaining, capacity))
-            record = {**_identity(suite, job, config, digest, selection), "concurrent_runs": capacity}
-            running[job] = (record, time.time())
-            executor.start(job, job, config, runs_dir / job.name, suite)
-        if not running:
-            if pending and not dry_run:  # cannot happen: dependencies come earlier in the plan
-                raise PeftlabError(f"bench: jobs wait on jobs that never ran: {[j.name for j in pending]}")
-            break
-        job, (status, payload) = executor.wait()
-        record, started = running.pop(job)
+            if dry_run or loop.ready(job):
+                pending.remove(job)
+                loop.launch(job)
+        if loop.running:
+            loop.collect()
+        elif pending:  # cannot happen: every dependency is earlier in the plan
+            raise PeftlabError(f"bench: jobs wait on jobs that never ran: {[j.name for j in pending]}")
+    return [loop.records[j] for j in jobs if j in loop.records]
+
+
+@dataclasses.dataclass
+class Loop:
+    """The state of one bench invocation: finished records, running jobs, time spent so far."""
+
+    suite: Suite
+    jobs: list[Job]
+    results_dir: pathlib.Path
+    runs_dir: pathlib.Path
+    executor: Any  # InProcess or execute.Forked: start(key, job, config, run_dir, suite), wait()
+    workers: int
+    echo: Callable[[str], None]
+    dry_run: bool
+    records: dict[Job, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    running: dict[Job, tuple[dict[str, Any], float]] = dataclasses.field(default_factory=dict)
+    spent: list[float] = dataclasses.field(default_factory=list)
+    launched: int = 0
+
+    def ready(self, job: Job) -> bool:
+        """Its selection runs (and the forgetting reference) have records."""
+        return all(d in self.records for d in dependencies(self.suite, job, self.jobs))
+
+    def settle(self, job: Job, record: dict[str, Any]) -> None:
+        self.records[job] = record
+        if not self.dry_run:
+            write_record(record_path(self.results_dir, job), record)
+
+    def launch(self, job: Job) -> None:
+        """Skip it (finished before), fail it (cannot be configured), or start it."""
+        self.launched += 1
+        head = f"run {self.launched}/{len(self.jobs)}"
+        try:
+            config, selection = job_config(self.suite, job, self.results_dir, self.runs_dir)
+        except PeftlabError as err:  # e.g. every selection run of this method failed
+            if self.dry_run:
+                self.echo(f"{head}, {job.name}: would run after its selection runs")
+            else:
+                self.echo(f"{head}, {job.name}: cannot start: {err}")
+                self.settle(job, {**_identity(self.suite, job, {}, "", {}), "status": "failed", "error": str(err)})
+            return
+        digest = suites.config_hash(config, job)
+        existing = read_record(record_path(self.results_dir, job))
+        if finished(existing, digest):
+            self.echo(f"{head}, {job.name}: done before, skipped")
+            self.records[job] = existing
+        elif self.dry_run:
+            self.echo(f"{head}, {job.name}: would run" + (" (config changed)" if existing else ""))
+        else:
+            remaining = len(self.jobs) - self.launched + 1 + len(self.running)
+            self.echo(progress_line(self.launched, len(self.jobs), job, self.spent, remaining, self.workers))
+            record = {**_identity(self.suite, job, config, digest, selection), "concurrent_runs": self.workers}
+            self.running[job] = (record, time.time())
+            self.executor.start(job, job, config, self.runs_dir / job.name, self.suite)
+
+    def collect(self) -> None:
+        """Wait for the next run to end and write its record."""
+        job, (status, payload) = self.executor.wait()
+        record, started = self.running.pop(job)
         if status == "ok":
             record.update(payload)
             try:
-                add_forgetting_delta(record, suite, results_dir)
+                add_forgetting_delta(record, self.suite, self.results_dir)
                 record["status"] = "ok"
             except PeftlabError as err:
                 record.update(status="failed", error=str(err))
         else:
             record.update(status="failed", error=payload)
-            echo(f"  {job.name} failed: {str(payload).splitlines()[0]}")
+            self.echo(f"  {job.name} failed: {str(payload).splitlines()[0]} (log: {self.runs_dir / job.name}.log)")
         record["bench_time_s"] = time.time() - started
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        spent.append(record["bench_time_s"])
-        settle(job, record)
-    return [records[j] for j in jobs if j in records]
+        self.spent.append(record["bench_time_s"])
+        self.settle(job, record)
 
 
 def add_forgetting_delta(record: dict[str, Any], suite: Suite, results_dir: pathlib.Path) -> None:

@@ -190,3 +190,32 @@ def test_step_and_regularization_hooks_reach_the_method():
     peftlab.set_active(model, [])
     peftlab.step(model, 8)
     assert calls == [(4, 7)] and peftlab.regularization(model) is None
+
+
+def test_merge_refuses_a_method_without_weight_form():
+    from peftlab.core import Adapter
+
+    class Bottleneck(Adapter):  # changes the hidden state, not the weight
+        weight_form = False
+
+        def __init__(self, kind, width):
+            super().__init__(kind)
+            self.up = torch.nn.Parameter(torch.zeros(width))
+
+        def forward(self, host, x, base):
+            y = base(x)
+            return y + torch.tanh(y) * self.up
+
+    @peftlab.register("probe-bottleneck")
+    class BottleneckConfig(peftlab.MethodConfig):
+        def build(self, site, stats=None, initialize=True):
+            return Bottleneck(site.kind, site.kind.out_features(site.host))
+
+    model = peftlab.attach(tiny_bert(), BottleneckConfig(targets=QV))
+    _randomise(model)
+    weights = _state(model)
+    with pytest.raises(PeftlabError, match="no weight form and cannot be merged"):
+        peftlab.merge(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+    assert all(not slot.merged for _, slot in peftlab.core._slots(model))

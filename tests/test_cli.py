@@ -199,7 +199,7 @@ def test_print_config_shows_defaults_and_overrides(capsys):
     assert code == 0 and config["output"] == "somewhere" and config["train"]["batch_size"] == 16
     # a new method keeps the fields it shares with the old one; SGD keeps lr and weight_decay
     assert config["method"] == {"name": "dora", "r": 8, "alpha": 16, "targets": ["query", "value"]}
-    assert config["optimizer"] == {"name": "sgd", "lr": 0.0005, "weight_decay": 0.0}
+    assert config["optimizer"] == {"name": "sgd", "lr": 0.002, "weight_decay": 0.0}
     assert config["model"] == "minilm-l6" and config["task"] == "movie-sentiment"
     assert config["data"]["split"] == [0.8, 0.1, 0.1] and config["train"]["epochs"] == 1
 

@@ -40,7 +40,10 @@ PREFIX = "checkpoint-"
 
 
 def write_json(path: pathlib.Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write JSON next to `path`, then rename it over `path`: readers see the old file or the new one."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(scratch, path)
 
 
 def _fsync_tree(folder: pathlib.Path) -> None:

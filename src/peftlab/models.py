@@ -10,14 +10,17 @@
 `kind` picks the head: "classification" -> AutoModelForSequenceClassification with a new
 `num_labels` head, "sft" -> AutoModelForCausalLM.
 
-Why the standard sequence-classification head on MiniLM: all-MiniLM-L6-v2 was trained as a
-mean-pooling sentence encoder, and as frozen features mean pooling is better than its [CLS]
-pooler (linear probe on movie sentiment: 0.786 vs 0.721). But the stock
-BertForSequenceClassification ([CLS] -> pooler -> classifier) reaches the target accuracy once
-LoRA adapts the encoder, and it keeps every saved and merged model a plain transformers
-checkpoint that AutoModelForSequenceClassification loads without peftlab. The classifier is new
-and trained in full (the recipe adds it to the method's `also_train`); the pooler keeps its
-pretrained weights.
+Why the stock sequence-classification head on MiniLM: all-MiniLM-L6-v2 was trained as a
+mean-pooling sentence encoder, and as frozen features mean pooling beats its [CLS] pooler
+(logistic-regression probe on movie sentiment, test split of seed 0: 0.786 mean, 0.721
+pooler, 0.718 raw [CLS]). Once LoRA adapts the encoder the gap closes (LoRA r=8 on
+query/value, one epoch, lr 5e-4: test accuracy 0.808 mean pooling, 0.791 [CLS] pooler, 0.805
+with the pooler trained too) and the learning rate matters more (lr 2e-3: 0.833 [CLS]
+pooler, 0.827 with the pooler trained). So the default is the stock
+BertForSequenceClassification ([CLS] -> pooler -> classifier): saved and merged models stay
+plain transformers checkpoints that AutoModelForSequenceClassification loads without
+peftlab. The classifier is new and trained in full (the recipe adds it to the method's
+`also_train`); the pooler keeps its pretrained weights.
 
 The cache lives in $PEFTLAB_CACHE, else ~/.cache/peftlab.
 """

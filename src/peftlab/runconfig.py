@@ -48,7 +48,7 @@ method:
   targets: [query, value]
 optimizer:
   name: adamw
-  lr: 5.0e-4
+  lr: 2.0e-3
   weight_decay: 0.0
 loss:
   name: cross_entropy

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from ..errors import PeftlabError
 from ..hosts import ALL_KINDS, HostKind
 from ..registry import MethodConfig, Site, register
-from .lora import LoRAAdapter, initialise
+from .lora import LoRAAdapter, check_rank, initialise
 
 GRANULARITIES = ("vector", "matrix")
 FORMS = ("sqrt", "linear")
@@ -128,12 +128,7 @@ class ALLoRA(MethodConfig):
             raise PeftlabError(f"ALLoRA form {self.form!r} is unknown; choose one of {FORMS}")
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"use r <= {min(fan_in, fan_out)}, or an override for this site"
-            )
+        check_rank(site, self.r)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> ALLoRAAdapter:
         weight = site.kind.matrix(site.host)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE, HostKind
 from ..registry import MethodConfig, Site, register
-from .lora import LoRAAdapter, initialise
+from .lora import LoRAAdapter, check_rank, initialise
 
 INITS = ("kaiming", "gaussian")
 
@@ -171,12 +171,7 @@ class DoRA(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"use r <= {min(fan_in, fan_out)}, or an override for this site"
-            )
+        check_rank(site, self.r)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> DoRAAdapter:
         weight = site.kind.matrix(site.host)

@@ -62,6 +62,16 @@ class LoRAAdapter(Adapter):
         return self.scale * (self.B0 @ self.A0)
 
 
+def check_rank(site: Site, r: int) -> None:
+    """Refuse a rank the layer cannot hold: r <= min(in, out)."""
+    fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
+    if r > min(fan_in, fan_out):
+        raise PeftlabError(
+            f"rank r={r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
+            f"use r <= {min(fan_in, fan_out)}, or an override for this site"
+        )
+
+
 def initialise(adapter: LoRAAdapter, init: str, weight: Tensor, svd_niter: int | None) -> None:
     """Fill A and B in place. `weight` is the host matrix W0, (out, in)."""
     A, B, s, r = adapter.A, adapter.B, adapter.scale, adapter.A.shape[0]
@@ -121,12 +131,7 @@ class LoRA(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"use r <= {min(fan_in, fan_out)}, or an override for this site"
-            )
+        check_rank(site, self.r)
         if self.init in ("pissa", "olora") and site.kind.index_input:
             raise PeftlabError(f"init {self.init!r} needs a weight matrix input; {site.name} is an embedding: exclude it")
 

@@ -179,6 +179,8 @@ def test_records_are_written_and_a_rerun_skips_finished_runs(tmp_path):
     again = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6})
     _, lines = run(s, tmp_path, again)
     assert again.calls == [] and all(line.endswith("done before, skipped") for line in lines)
+    invocations = runner.read_invocations(tmp_path / "results")  # the skipping rerun ran nothing: no line
+    assert len(invocations) == 1 and invocations[0]["runs"] == invocations[0]["planned"] == 16
 
 
 def test_learning_rate_is_chosen_on_validation_and_final_and_peer_runs_use_it(tmp_path):
@@ -284,7 +286,7 @@ def test_report_table_peer_column_grid_and_plots(tmp_path):
     path = report.write_report(s, results)
     text = path.read_text()
     # mean +- sample std over seeds 0 and 1: 0.80, 0.81 -> 0.805 +- 0.007
-    assert ("| **head-only** | 0.805 ± 0.007 | 10.0k | 0.100 ± 0.000% | 10 ± 1 | 0.500 ± 0.000 | 0.500 ± 0.000 "
+    assert ("| **head-only** | 0.805 ± 0.007 | 10.0k | 0.100% | 10 ± 1 | 0.500 ± 0.000 | 0.500 ± 0.000 "
             "| 900 ± 0 | 4.0 KB | 0.001 |") in text
     assert "| lora | 0.805 ± 0.007 | 5.0k |" in text
     assert ("| lora | 0.805 ± 0.007 | 0.825 ± 0.007 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 "
@@ -293,6 +295,7 @@ def test_report_table_peer_column_grid_and_plots(tmp_path):
     assert "Default grid: 0.001." in text and "Own grids: lora: 0.0001, 0.001." in text
     assert "| x--movie-sentiment--s0 | PeftlabError: something \\| broke |" in text
     assert "- vera: too slow here" in text
+    assert "Bench invocation " in text and "16 of 16 runs in 0.0 min wall time, 1 at once" in text
     for name in (report.PLOT_PARAMS, report.PLOT_TIME):
         assert (results / name).stat().st_size > 5000 and f"({name})" in text
 

@@ -170,6 +170,7 @@ def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict
         "wall_time_s": summary["wall_time_s"],
         "steps": steps,
         "s_per_step": summary["train_time_s"] / steps if steps else None,
+        "train_cpu_time_s": summary["train_cpu_time_s"],
         "cpu_s_per_step": summary["train_cpu_time_s"] / steps if steps else None,
         "cpu_time_s": (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system),
         "adapter_bytes": directory_bytes(run_dir / "adapter"),

@@ -18,7 +18,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from .runner import metric_value, read_records
+from .runner import metric_value, read_invocations, read_records
 from .suite import BASELINES, Suite
 
 PLOT_PARAMS = "score_vs_trainable_parameters.png"
@@ -41,6 +41,10 @@ def _stats(values: list[float]) -> tuple[float, float | None] | None:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def _product(a: float | None, b: float | None) -> float | None:
+    return a * b if a is not None and b is not None else None
+
+
 def aggregate(records: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, str, str], dict[str, Any]]:
     """(task, method, implementation) -> mean/std of every reported quantity over the seeds."""
     metric, _ = score_metric(suite)
@@ -56,6 +60,8 @@ def aggregate(records: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, st
             "trainable": _stats([r.get("trainable_parameters") for r in runs]),
             "share": _stats([r.get("trainable_share") for r in runs]),
             "train_time": _stats([r.get("train_time_s") for r in runs]),
+            "train_cpu": _stats([r.get("train_cpu_time_s") or _product(r.get("cpu_s_per_step"), r.get("steps"))
+                                 for r in runs]),
             "s_per_step": _stats([r.get("s_per_step") for r in runs]),
             "cpu_s_per_step": _stats([r.get("cpu_s_per_step") for r in runs]),
             "rss": _stats([r.get("peak_rss_mb") for r in runs]),
@@ -99,8 +105,9 @@ def _bytes(stat) -> str:
     return f"{n:.0f} B"
 
 
-def _plain(stat, digits: int) -> str:
-    return "-" if stat is None else f"{stat[0]:.{digits}f}"
+def _percent(stat) -> str:
+    """A share of the parameters (it does not vary with the seed: no std)."""
+    return "-" if stat is None else f"{100 * stat[0]:.3f}%"
 
 
 def _method_order(table: dict, task: str, mode: str) -> list[str]:
@@ -120,7 +127,8 @@ def _method_order(table: dict, task: str, mode: str) -> list[str]:
 # ---- the page ----------------------------------------------------------------------------------
 
 
-def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str]) -> str:
+def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str],
+             invocations: list[dict[str, Any]] = ()) -> str:
     metric, mode = score_metric(suite)
     table = aggregate(records, suite)
     tasks = [t for t in suite.tasks if any(k[0] == t for k in table)]
@@ -142,7 +150,7 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str]) -> s
         for method in _method_order(table, task, mode):
             row = table[(task, method, "peftlab")]
             cells = [f"**{method}**" if method in BASELINES else method, _mean_std(row["score"]),
-                     _count(row["trainable"]), _mean_std(row["share"], 3, 100) + "%", _mean_std(row["train_time"], 0),
+                     _count(row["trainable"]), _percent(row["share"]), _mean_std(row["train_time"], 0),
                      _mean_std(row["s_per_step"], 3), _mean_std(row["cpu_s_per_step"], 3), _mean_std(row["rss"], 0),
                      _bytes(row["adapter"]),
                      f"{row['lr']:g}" if row["lr"] else "-"]
@@ -156,7 +164,7 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str]) -> s
     lines += _grid_section(suite, table)
     lines += _failures(records)
     lines += _excluded(suite)
-    lines += _setup(suite, records)
+    lines += _setup(suite, records, invocations)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -221,7 +229,7 @@ def _excluded(suite: Suite) -> list[str]:
     return lines + [""]
 
 
-def _setup(suite: Suite, records: list[dict[str, Any]]) -> list[str]:
+def _setup(suite: Suite, records: list[dict[str, Any]], invocations) -> list[str]:
     ok = [r for r in records if r.get("status") == "ok" and r.get("phase") == "final"]
     lines = ["## Setup", ""]
     if ok:
@@ -242,6 +250,10 @@ def _setup(suite: Suite, records: list[dict[str, Any]]) -> list[str]:
         total = sum(r.get("bench_time_s", 0) for r in records)
         cpu = sum(r.get("cpu_time_s") or 0 for r in records)
         lines.append(f"Sum of the recorded runs' times: {total / 60:.1f} min (CPU time: {cpu / 60:.1f} min).")
+    for entry in invocations[-3:]:
+        lines.append(f"Bench invocation {entry['started']}: {entry['runs']} of {entry['planned']} runs in "
+                     f"{entry['wall_time_s'] / 60:.1f} min wall time, {entry['workers']} at once, 1-minute load "
+                     f"average {entry['load_average_start']} at the start, {entry['load_average_end']} at the end.")
     if suite.path is not None:
         lines.append(f"Suite file: `{suite.path.name}`; every run's resolved config is in its record.")
     return lines + [""]
@@ -273,8 +285,10 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
     if not tasks:
         return []
     written = []
+    # Time is CPU seconds of the training loop: on a shared machine wall time mostly measures the
+    # neighbours; with one torch thread per run it equals wall time on an idle core.
     for filename, quantity, xlabel in ((PLOT_PARAMS, "trainable", "trainable parameters (log scale)"),
-                                       (PLOT_TIME, "train_time", "training wall time, s (log scale)")):
+                                       (PLOT_TIME, "train_cpu", "training time, CPU seconds")):
         figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             points = [(v[quantity][0], v["score"][0], m) for (t, m, impl), v in table.items()
@@ -290,7 +304,10 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
             if quantity == "trainable" and len(front) > 1:
                 ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:green",
                         linewidth=1.2, label="Pareto front", zorder=1)
-            ax.set_xscale("log")
+            xs = [p[0] for p in points]
+            if quantity == "trainable" or (xs and max(xs) > 10 * min(xs)):
+                ax.set_xscale("log")
+                xlabel = xlabel if "log" in xlabel else f"{xlabel} (log scale)"
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
             ax.set_title(task)
@@ -310,5 +327,5 @@ def write_report(suite: Suite, results_dir: pathlib.Path) -> pathlib.Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     plots = plot(suite, records, results_dir)
     path = results_dir / "report.md"
-    path.write_text(markdown(suite, records, plots), encoding="utf-8")
+    path.write_text(markdown(suite, records, plots, read_invocations(results_dir)), encoding="utf-8")
     return path

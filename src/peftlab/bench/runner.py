@@ -213,6 +213,7 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
     else:
         executor, workers = InProcess(run_one), 1
     loop = Loop(suite, jobs, results_dir, runs_dir, executor, workers, echo, dry_run)
+    started, load = time.time(), os.getloadavg()[0]
     pending = list(jobs)
     while pending or loop.running:
         for job in list(pending):  # in plan order: a job's dependencies come before it
@@ -225,7 +226,28 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
             loop.collect()
         elif pending:  # cannot happen: every dependency is earlier in the plan
             raise PeftlabError(f"bench: jobs wait on jobs that never ran: {[j.name for j in pending]}")
+    if loop.spent:  # one line per invocation that ran something: how long the bench itself took
+        log_invocation(results_dir, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                                     "wall_time_s": time.time() - started, "runs": len(loop.spent), "planned": len(jobs),
+                                     "workers": workers, "load_average_start": round(load, 2),
+                                     "load_average_end": round(os.getloadavg()[0], 2)})
     return [loop.records[j] for j in jobs if j in loop.records]
+
+
+INVOCATIONS = "invocations.jsonl"
+
+
+def log_invocation(results_dir: pathlib.Path, entry: dict[str, Any]) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with (results_dir / INVOCATIONS).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def read_invocations(results_dir: pathlib.Path) -> list[dict[str, Any]]:
+    path = results_dir / INVOCATIONS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @dataclasses.dataclass

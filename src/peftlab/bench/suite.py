@@ -29,7 +29,7 @@ that need the rate, LoRA-SB).
 A plan is a list of `Job`s in the order they run. For each task and method: when its grid has
 more than one learning rate, one selection run per rate (the suite's first seed, evaluated on
 the validation split only); then one final run per seed with the chosen rate (evaluated on the
-validation and test splits); then the `peft` peer runs with the same rate and seeds. A suite
+test split only, once); then the `peft` peer runs with the same rate and seeds. A suite
 with `forgetting` starts with one reference job: the base model's loss on that text.
 """
 from __future__ import annotations
@@ -84,8 +84,8 @@ class Suite:
             if unknown:
                 raise PeftlabError(f"suite {self.name}: unknown method(s) {unknown}; registered: "
                                    f"{', '.join(registered)}; baselines: {', '.join(BASELINES)}")
-            chosen = [m for m in self.methods if m not in BASELINES]
-        return [*self.baselines, *chosen]
+            chosen = list(self.methods)
+        return [*self.baselines, *[m for m in chosen if m not in self.baselines]]
 
     def wants_peer(self, method: str) -> bool:
         return self.peer is True or (isinstance(self.peer, list) and method in self.peer)
@@ -98,7 +98,7 @@ class Job:
     method: str  # a registry name, a baseline, or "reference"
     task: str
     seed: int
-    phase: str  # "select" (validation only), "final" (validation + test) or "reference"
+    phase: str  # "select" (validation only), "final" (test only) or "reference"
     implementation: str = "peftlab"  # or "peft" for the peer runs
     lr: float | None = None  # set for selection runs; final runs take the selected rate
 

@@ -100,6 +100,8 @@ def test_plan_filters_keep_the_selection_a_final_run_needs():
                                       "lora--movie-sentiment--s0--lr0.001--select", "lora--movie-sentiment--s1--peft"]
     assert [j.name for j in suites.plan(s, REGISTERED, PEERS, only=["head-only--"])] == [
         "head-only--movie-sentiment--s0", "head-only--movie-sentiment--s1"]
+    with_adalora = suites.plan(s, [*REGISTERED, "adalora"], PEERS, only=["lora--"])  # a prefix: not adalora--
+    assert len(with_adalora) == 6 and all(j.method == "lora" for j in with_adalora)
     with pytest.raises(PeftlabError, match="not in suite t"):
         suites.plan(s, REGISTERED, PEERS, methods=["vera"])
 

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", help="only these methods (comma-separated registry names or baselines)")
     parser.add_argument("--tasks", help="only these tasks (comma-separated)")
     parser.add_argument("--only", action="append", metavar="TEXT",
-                        help="only runs whose name contains TEXT (repeatable), e.g. --only lora--")
+                        help="only runs whose name starts with TEXT (repeatable), e.g. --only lora-- or --only dora--sms")
     parser.add_argument("--workers", type=int, help="runs at once, each in its own process (default: the suite's)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: the suite's)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would run, run none")

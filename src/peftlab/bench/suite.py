@@ -254,7 +254,7 @@ def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: l
     """Every job of the suite, in running order, narrowed by the filters.
 
     `peer_methods`: the methods that have a `peft` counterpart. Filters: `methods` and `tasks`
-    keep those; `only` keeps jobs whose name contains any of the given strings (a final run
+    keep those; `only` keeps jobs whose name starts with any of the given strings (a final run
     keeps its selection runs, which decide its learning rate).
     """
     chosen = suite.method_names(registered)
@@ -283,7 +283,7 @@ def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: l
             if suite.wants_peer(method) and method in peer_methods:
                 cell += [Job(method, task, seed, "final", implementation="peft") for seed in suite.seeds]
             if only:
-                wanted = [j for j in cell if any(o in j.name for o in only)]
+                wanted = [j for j in cell if any(j.name.startswith(o) for o in only)]
                 needs_selection = any(j.phase == "final" for j in wanted)
                 cell = [j for j in cell if j in wanted or (needs_selection and j.phase == "select")]
             jobs += cell

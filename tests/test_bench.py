@@ -104,6 +104,15 @@ def test_plan_filters_keep_the_selection_a_final_run_needs():
     assert len(with_adalora) == 6 and all(j.method == "lora" for j in with_adalora)
     with pytest.raises(PeftlabError, match="not in suite t"):
         suites.plan(s, REGISTERED, PEERS, methods=["vera"])
+    first_seed = suites.plan(s, REGISTERED, PEERS, methods=["lora"], seeds=[1], peers=False)
+    assert [j.name for j in first_seed] == ["lora--movie-sentiment--s0--lr0.0001--select",
+                                            "lora--movie-sentiment--s0--lr0.001--select", "lora--movie-sentiment--s1"]
+    assert [j.name for j in suites.plan(s, REGISTERED, PEERS, methods=["dora"], seeds=[0])] == [
+        "dora--movie-sentiment--s0", "dora--movie-sentiment--s0--peft"]
+    assert suites.plan(s, REGISTERED, PEERS, only=["lora--movie-sentiment--s0--lr0.001--select"]) == [
+        Job("lora", "movie-sentiment", 0, "select", lr=1e-3)]  # a selection run alone
+    with pytest.raises(PeftlabError, match="--seeds \\[7\\] are not in suite t"):
+        suites.plan(s, REGISTERED, PEERS, seeds=[7])
 
 
 def test_run_config_gives_each_method_only_its_fields_and_fills_templates():
@@ -248,6 +257,39 @@ def test_two_workers_in_child_processes_respect_the_selection_order(tmp_path):
     assert by_name["lora--movie-sentiment--s1--peft"]["lr"] == 1e-3  # the better validation score
     selected = max(by_name[f"lora--movie-sentiment--s0--lr{lr}--select"]["finished_at"] for lr in ("0.0001", "0.001"))
     assert by_name["lora--movie-sentiment--s0"]["finished_at"] >= selected
+
+
+def test_the_first_seeds_final_run_evaluates_its_selection_run_instead_of_retraining(tmp_path, monkeypatch):
+    from peftlab.bench import execute
+
+    def trains(job, config, run_dir, suite):  # leaves a trained adapter behind, as a real run does
+        (run_dir / "adapter").mkdir(parents=True)
+        return FakeTraining(validation={1e-4: 0.6, 1e-3: 0.7})(job, config, run_dir, suite)
+
+    evaluated = []
+
+    def evaluates(job, config, run_dir, suite, *, selected):
+        evaluated.append((job.name, selected["run"], selected["run_dir"]))
+        return {"metrics": {"test": {"accuracy": 0.9}}, "trained_in": selected["run"]}
+
+    monkeypatch.setattr(execute, "evaluate_selected", evaluates)
+    s = make_suite(methods=["lora"], baselines=[], peer=False)
+    records, _ = run(s, tmp_path, trains)
+    chosen = "lora--movie-sentiment--s0--lr0.001--select"
+    assert evaluated == [("lora--movie-sentiment--s0", chosen, str(tmp_path / "runs" / chosen))]
+    by_name = {r["run"]: r for r in records}
+    assert by_name["lora--movie-sentiment--s0"]["trained_in"] == chosen
+    assert by_name["lora--movie-sentiment--s0"]["lr"] == 1e-3
+    assert "trained_in" not in by_name["lora--movie-sentiment--s1"]  # another seed trains
+
+    for path in (tmp_path / "results").glob("lora--movie-sentiment--s0.json"):
+        path.unlink()  # without the trained adapter the final run trains after all
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / chosen)
+    again = FakeTraining(validation={1e-4: 0.6, 1e-3: 0.7})
+    run(s, tmp_path, again)
+    assert [j.name for j in again.calls] == ["lora--movie-sentiment--s0"]
 
 
 def test_dry_run_lists_without_running(tmp_path):
@@ -451,3 +493,28 @@ def test_real_runs_of_a_tiny_suite(tmp_path, monkeypatch):
         assert r["versions"]["peft"] and r["machine"]["torch_threads"] == 1
     assert (tmp_path / "runs" / "lora--movie-sentiment--s0--peft" / "adapter" / "adapter_config.json").is_file()
     assert "train_runtime" in (tmp_path / "runs" / "lora--movie-sentiment--s0.log").read_text()
+
+
+def test_a_reused_selection_run_scores_as_the_retrained_final_run(tmp_path):
+    """Training is deterministic: evaluating the selection run equals training the final run again."""
+    s = suites.parse({
+        "run": {"model": "minilm-l6", "data": {"max_length": 32, "limit": 160},
+                "train": {"steps": 3, "batch_size": 8, "eval_batch_size": 32, "save_every": 1000,
+                          "progress": False, "group_by_length": True}, "optimizer": {"name": "adamw"}},
+        "tasks": ["movie-sentiment"], "seeds": [0], "methods": ["lora"], "baselines": ["full"],
+        "method_fields": {"targets": ["query", "value"]}, "lr": {"default": [1e-3, 3e-3], "full": [1e-4, 3e-4]},
+        "workers": 2, "threads": 1,
+    }, name="tiny")
+    finals = {}
+    for reuse in (True, False):
+        records = runner.run_suite(s, tmp_path / f"results-{reuse}", tmp_path / f"runs-{reuse}",
+                                   echo=lambda line: None, reuse_selection=reuse)
+        assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+        finals[reuse] = {r["run"]: r for r in records if r["phase"] == "final"}
+    for name, reused in finals[True].items():
+        retrained = finals[False][name]
+        assert reused["trained_in"].startswith(name) and "trained_in" not in retrained
+        assert reused["lr"] == retrained["lr"] and reused["steps"] == retrained["steps"] == 3
+        assert reused["trainable_parameters"] == retrained["trainable_parameters"]
+        assert reused["metrics"]["test"]["accuracy"] == retrained["metrics"]["test"]["accuracy"]
+        assert reused["metrics"]["test"]["loss"] == pytest.approx(retrained["metrics"]["test"]["loss"], abs=1e-5)

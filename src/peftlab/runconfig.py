@@ -102,6 +102,7 @@ class Train:
     keep_checkpoints: int = 2
     calibration_batches: int = 8  # training batches handed to data-driven initialisations
     progress: bool = True  # progress bars
+    group_by_length: bool = False  # batches of similar lengths: less padding, less compute
 
 
 @dataclasses.dataclass

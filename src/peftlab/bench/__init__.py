@@ -1,6 +1,7 @@
 """`peftlab bench`: methods x tasks x seeds, each an ordinary training run, and one report.
 
-    peftlab bench SUITE [--methods a,b] [--tasks t] [--only TEXT] [--workers N] [--dry-run]
+    peftlab bench SUITE [--methods a,b] [--tasks t] [--seeds 0,1] [--only TEXT] [--no-peers]
+                        [--workers N] [--dry-run]
     peftlab bench report SUITE
     python -m peftlab.bench ...            (the same, without the peftlab command)
 
@@ -36,6 +37,15 @@ def _names(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _seeds(text: str | None) -> list[int] | None:
+    from ..errors import PeftlabError
+
+    try:
+        return [int(t) for t in _names(text)] if text else None
+    except ValueError:
+        raise PeftlabError(f"--seeds takes comma-separated integers, e.g. --seeds 0,1; got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("words", nargs="+", metavar="SUITE",
                         help="a suite name (quick, standard, lm) or .yaml path; `report SUITE` only writes the report")
@@ -43,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", help="only these tasks (comma-separated)")
     parser.add_argument("--only", action="append", metavar="TEXT",
                         help="only runs whose name starts with TEXT (repeatable), e.g. --only lora-- or --only dora--sms")
+    parser.add_argument("--seeds", help="only the final runs of these seeds (comma-separated), e.g. --seeds 0")
+    parser.add_argument("--no-peers", action="store_true", help="leave out the `peft` peer runs")
     parser.add_argument("--workers", type=int, help="runs at once, each in its own process (default: the suite's)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: the suite's)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would run, run none")
@@ -65,7 +77,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not report_only:
         runs = pathlib.Path(args.runs) if args.runs else pathlib.Path("runs") / "bench" / suite.name
         run_suite(suite, results, runs, methods=_names(args.methods), tasks=_names(args.tasks), only=args.only,
-                  dry_run=args.dry_run, workers=args.workers, threads=args.threads)
+                  seeds=_seeds(args.seeds), peers=not args.no_peers, dry_run=args.dry_run, workers=args.workers,
+                  threads=args.threads)
         if args.dry_run or args.no_report:
             return 0
     path = write_report(suite, results)

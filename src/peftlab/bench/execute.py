@@ -48,10 +48,11 @@ class Forked:
         self.context = _context()
         _warm_imports()
 
-    def start(self, key: Any, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> None:
+    def start(self, key: Any, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, run_one=None) -> None:
+        """`run_one` replaces the executor's own for this job (a final run that only evaluates)."""
         receive, send = self.context.Pipe(duplex=False)
-        child = self.context.Process(target=_child, args=(self.run_one, job, config, run_dir, suite, self.threads,
-                                                          send), daemon=True)
+        child = self.context.Process(target=_child, args=(run_one or self.run_one, job, config, run_dir, suite,
+                                                          self.threads, send), daemon=True)
         child.start()
         send.close()
         self.running[key] = (child, receive)
@@ -181,6 +182,30 @@ def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict
     if measure_forgetting:
         record["forgetting"] = {"after": summary["extra"]["forgetting_loss"]}
     return record
+
+
+# What a reused selection run contributes to a final record: how it was trained and what it cost.
+TRAINING_FIELDS = ("trainable_parameters", "total_parameters", "trainable_share", "peak_rss_mb", "train_time_s",
+                   "wall_time_s", "steps", "s_per_step", "train_cpu_time_s", "cpu_s_per_step", "adapter_bytes",
+                   "versions", "machine", "forgetting")
+
+
+def evaluate_selected(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, *,
+                      selected: dict[str, Any]) -> dict[str, Any]:
+    """The final run on the selection seed at the chosen rate, which its selection run trained already.
+
+    Same config, same seed, deterministic training: retraining would give the same model. Its
+    saved model (`selected["run_dir"]`) is evaluated on the test split, once, as every final run
+    is; the training fields (time, memory, size) are the selection run's.
+    """
+    from .. import runs
+
+    cpu_before = os.times()
+    metrics = runs.evaluate(selected["run_dir"], split="test", echo=lambda *_: None)
+    cpu_after = os.times()
+    record = {k: selected[k] for k in TRAINING_FIELDS if k in selected}
+    return {**record, "metrics": {"test": metrics}, "trained_in": selected["run"], "run_dir": selected["run_dir"],
+            "cpu_time_s": (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)}
 
 
 def _reference(config: dict, forgetting: dict) -> dict[str, Any]:

@@ -17,6 +17,7 @@ in a forked child process per run (`execute.Forked`, several at once with the su
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -169,9 +170,9 @@ class InProcess:
         self.run_one = run_one
         self.finished: list[tuple[Any, tuple[str, Any]]] = []
 
-    def start(self, key: Any, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> None:
+    def start(self, key: Any, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, run_one=None) -> None:
         try:
-            self.finished.append((key, ("ok", self.run_one(job, config, run_dir, suite))))
+            self.finished.append((key, ("ok", (run_one or self.run_one)(job, config, run_dir, suite))))
         except Exception as err:  # one failing method must not stop the comparison
             self.finished.append((key, ("error", f"{type(err).__name__}: {err}")))
 
@@ -191,13 +192,16 @@ def dependencies(suite: Suite, job: Job, jobs: list[Job]) -> list[Job]:
 
 def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, run_one: RunOne | None = None,
               methods: list[str] | None = None, tasks: list[str] | None = None, only: list[str] | None = None,
+              seeds: list[int] | None = None, peers: bool = True,
               peer_methods: set[str] | None = None, echo: Callable[[str], None] = print, dry_run: bool = False,
-              isolate: bool = True, workers: int | None = None, threads: int | None = None) -> list[dict[str, Any]]:
+              isolate: bool = True, workers: int | None = None, threads: int | None = None,
+              reuse_selection: bool = True) -> list[dict[str, Any]]:
     """Run (or, with dry_run, list) every job of a suite not finished yet; returns the records.
 
     isolate: each run in a forked child process (the default; `run_one` runs there), else in
     this process one after another. workers: runs at once (default: the suite's `workers`);
-    threads: torch threads per run (default: the suite's `threads`).
+    threads: torch threads per run (default: the suite's `threads`). reuse_selection: the final
+    run on the first seed evaluates the selection run at the chosen rate instead of retraining it.
     """
     from . import execute
 
@@ -206,13 +210,15 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
         from .. import peer
 
         peer_methods = set(peer.METHODS)
-    jobs = suites.plan(suite, registered_methods(), peer_methods, methods=methods, tasks=tasks, only=only)
+    jobs = suites.plan(suite, registered_methods(), peer_methods, methods=methods, tasks=tasks, only=only,
+                       seeds=seeds, peers=peers)
     workers = workers or suite.workers
     if isolate and not dry_run:
         executor = execute.Forked(run_one, workers, threads or suite.threads)
     else:
         executor, workers = InProcess(run_one), 1
-    loop = Loop(suite, jobs, results_dir, runs_dir, executor, workers, echo, dry_run)
+    loop = Loop(suite, jobs, results_dir, runs_dir, executor, workers, echo, dry_run,
+                reuse=execute.evaluate_selected if reuse_selection else None)
     started, load = time.time(), os.getloadavg()[0]
     pending = list(jobs)
     while pending or loop.running:
@@ -266,6 +272,7 @@ class Loop:
     running: dict[Job, tuple[dict[str, Any], float]] = dataclasses.field(default_factory=dict)
     spent: list[float] = dataclasses.field(default_factory=list)
     launched: int = 0
+    reuse: Callable[..., dict] | None = None  # evaluates a selection run as a final run (None: always train)
 
     def ready(self, job: Job) -> bool:
         """Its selection runs (and the forgetting reference) have records."""
@@ -301,7 +308,28 @@ class Loop:
             self.echo(progress_line(self.launched, len(self.jobs), job, self.spent, remaining, self.workers))
             record = {**_identity(self.suite, job, config, digest, selection), "concurrent_runs": self.workers}
             self.running[job] = (record, time.time())
-            self.executor.start(job, job, config, self.runs_dir / job.name, self.suite)
+            self.executor.start(job, job, config, self.runs_dir / job.name, self.suite,
+                                run_one=self.trained_before(job, selection))
+
+    def trained_before(self, job: Job, selection: dict[str, Any]) -> RunOne | None:
+        """For the final run that a selection run already trained, a `run_one` that only evaluates it.
+
+        The final run on the suite's first seed at the chosen rate has the selection run's config
+        and seed; training is deterministic, so the selection run's saved model is that final
+        run's model. Its directory must still hold the trained adapter; otherwise: train again.
+        """
+        if job.phase != "final" or job.implementation != "peftlab" or job.seed != self.suite.seeds[0]:
+            return None
+        if not selection.get("scores") or self.reuse is None:  # no selection runs (a one-rate grid)
+            return None
+        chosen = Job(job.method, job.task, job.seed, "select", lr=selection["chosen"])
+        selected = self.records.get(chosen) or read_record(record_path(self.results_dir, chosen))
+        if not selected or selected.get("status") != "ok":
+            return None
+        run_dir = pathlib.Path(selected.get("run_dir") or self.runs_dir / chosen.name)
+        if not (run_dir / "adapter").is_dir():
+            return None
+        return functools.partial(self.reuse, selected={**selected, "run_dir": str(run_dir)})
 
     def collect(self) -> None:
         """Wait for the next run to end and write its record."""

@@ -250,12 +250,14 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
 
 
 def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: list[str] | None = None,
-         tasks: list[str] | None = None, only: list[str] | None = None) -> list[Job]:
+         tasks: list[str] | None = None, only: list[str] | None = None, seeds: list[int] | None = None,
+         peers: bool = True) -> list[Job]:
     """Every job of the suite, in running order, narrowed by the filters.
 
-    `peer_methods`: the methods that have a `peft` counterpart. Filters: `methods` and `tasks`
-    keep those; `only` keeps jobs whose name starts with any of the given strings (a final run
-    keeps its selection runs, which decide its learning rate).
+    `peer_methods`: the methods that have a `peft` counterpart. Filters: `methods`, `tasks` and
+    `seeds` keep those (selection runs use the suite's first seed whatever `seeds` says);
+    `only` keeps jobs whose name starts with any of the given strings; `peers=False` leaves the
+    `peft` runs out. A final run always keeps the selection runs that decide its learning rate.
     """
     chosen = suite.method_names(registered)
     if methods:
@@ -269,6 +271,10 @@ def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: l
         if missing:
             raise PeftlabError(f"--tasks {missing} are not in suite {suite.name}; it has: {', '.join(task_names)}")
         task_names = [t for t in task_names if t in tasks]
+    if seeds:
+        missing = sorted(set(seeds) - set(suite.seeds))
+        if missing:
+            raise PeftlabError(f"--seeds {missing} are not in suite {suite.name}; it has: {suite.seeds}")
 
     jobs: list[Job] = []
     if suite.forgetting is not None:
@@ -282,11 +288,13 @@ def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: l
             cell += [Job(method, task, seed, "final") for seed in suite.seeds]
             if suite.wants_peer(method) and method in peer_methods:
                 cell += [Job(method, task, seed, "final", implementation="peft") for seed in suite.seeds]
-            if only:
-                wanted = [j for j in cell if any(j.name.startswith(o) for o in only)]
-                needs_selection = any(j.phase == "final" for j in wanted)
-                cell = [j for j in cell if j in wanted or (needs_selection and j.phase == "select")]
-            jobs += cell
+            wanted = [j for j in cell if j.phase == "final"
+                      and (not only or any(j.name.startswith(o) for o in only))
+                      and (not seeds or j.seed in seeds) and (peers or j.implementation == "peftlab")]
+            if only:  # --only may name a selection run itself
+                wanted += [j for j in cell if j.phase == "select" and any(j.name.startswith(o) for o in only)]
+            needs_selection = any(j.phase == "final" for j in wanted)
+            jobs += [j for j in cell if j in wanted or (j.phase == "select" and needs_selection)]
     if jobs and jobs[0].phase == "reference" and len(jobs) == 1:
         return []  # the reference only serves other runs' forgetting
     return jobs

@@ -270,6 +270,38 @@ def test_the_recipe_calls_the_step_hook_adds_the_regulariser_and_uses_the_method
     assert any(torch.count_nonzero(adapter[k]) for k in adapter if k.endswith(".A"))
 
 
+def test_the_recipe_fills_the_step_count_and_rate_that_a_method_takes_from_the_run():
+    """AdaLoRA, LaMDA, IncreLoRA and LoRA-SB schedule over the run; LoRA-SB also needs its rate."""
+    def validated(method, **train_values):
+        values = runconfig.default_dict()
+        values["method"], values["optimizer"]["lr"] = method, 3e-3
+        values["train"].update(train_values)
+        return runconfig.validate(values)
+
+    run = validated({"name": "adalora", "targets": ["query"]})  # no total_steps: fine in a run config
+    train.fill_run_fields(run, 8454)
+    assert run.method["total_steps"] == 265  # the default job: ceil(8,454 / 32) steps of one epoch
+    for values, expected in (({"steps": 40}, 40), ({"grad_accum": 2}, 133), ({"epochs": 2.0}, 530)):
+        run = validated({"name": "lamda"}, **values)
+        train.fill_run_fields(run, 8454)
+        assert run.method["total_steps"] == expected, values
+    run = validated({"name": "lora_sb", "total_steps": 7})  # what the config says stays
+    train.fill_run_fields(run, 8454)
+    assert (run.method["total_steps"], run.method["lr"]) == (7, 3e-3)
+    run = validated({"name": "lora"})
+    train.fill_run_fields(run, 8454)
+    assert run.method == {"name": "lora"}  # LoRA takes nothing from the run
+    with pytest.raises(PeftlabError, match="config key method: .*tinit < total_steps - tfinal"):
+        validated({"name": "adalora", "tinit": 30, "tfinal": 20}, steps=40)
+
+
+def test_a_scheduled_method_trains_without_total_steps_and_saves_the_filled_value(tmp_path):
+    run = _run(tmp_path, "run", **{"method.name": "lamda", "method.eta": 0.25})
+    train.train(run, echo=lambda *a: None)
+    saved = runconfig.build(tmp_path / "run" / "config.yaml", [])
+    assert saved.method["total_steps"] == 6  # one more column of B frozen every 0.25 * 6 steps
+
+
 def test_classification_metrics_compute_accuracy_and_macro_f1():
     from types import SimpleNamespace
 

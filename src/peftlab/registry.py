@@ -11,6 +11,7 @@ one site. That is all the core needs to know about a method:
     after_step(...)  optional: called by training after each optimizer step
     loss(...)        optional: a regulariser the training loss adds
     param_groups(...) optional: optimizer parameter groups (e.g. a different lr for B)
+    run_fields       fields the training recipe fills from the run (total_steps, lr)
 
 Capabilities are declared with class attributes (`needs_calibration`, `step_hook`,
 `adds_loss`), never discovered with hasattr.
@@ -56,6 +57,10 @@ class MethodConfig:
     adds_loss: ClassVar[bool] = False
     # One line for `peftlab methods`: trainable parameters per site.
     trainable_formula: ClassVar[str] = ""
+    # Fields that describe the run, not the method: "total_steps" (optimizer steps of the run,
+    # for methods with a schedule over it) and "lr" (its learning rate). The training recipe
+    # fills the ones a run config leaves unset (see RUN_FIELDS).
+    run_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +70,23 @@ class MethodConfig:
 
     def validate_site(self, site: Site) -> None:
         """Check this config against one host (e.g. rank against the layer's size)."""
+
+    # Checks many methods' validate() share; errors name the method, the field and the value.
+
+    def check_positive_int(self, *names: str, optional: bool = False) -> None:
+        """Each named field is an integer >= 1 (or None, when optional)."""
+        for name in names:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                allowed = "a positive integer or None" if optional else "a positive integer"
+                raise PeftlabError(f"{type(self).__name__} {name} must be {allowed}, got {value!r}")
+
+    def check_dropout(self) -> None:
+        """`dropout` is a probability in [0, 1)."""
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise PeftlabError(f"{type(self).__name__} dropout must be in [0, 1), got {self.dropout!r}")
 
     def build(self, site: Site, stats: Any = None, initialize: bool = True) -> "Adapter":
         raise PeftlabError(f"method {self.method!r} does not build adapters")
@@ -107,6 +129,8 @@ class MethodConfig:
         return data
 
 
+RUN_FIELDS = ("total_steps", "lr")
+
 _METHODS: dict[str, type[MethodConfig]] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
@@ -122,6 +146,9 @@ def register(name: str, **aliases: dict[str, Any]) -> Callable[[type], type]:
         for n in (name, *aliases):
             if n in _METHODS or n in _ALIASES:
                 raise RuntimeError(f"method name {n!r} is registered twice")
+        unknown = sorted(set(cls.run_fields) - set(RUN_FIELDS))
+        if unknown:
+            raise RuntimeError(f"{cls.__name__}.run_fields {unknown}: the recipe knows only {RUN_FIELDS}")
         cls.method = name
         _METHODS[name] = cls
         for alias, preset in aliases.items():

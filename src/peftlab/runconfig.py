@@ -361,7 +361,12 @@ def _check_method(run: RunConfig) -> None:
         adaptation.check_baseline_fields(run.method)
         return
     fields = {k: v for k, v in run.method.items() if k != "name"}
+    # Fields the recipe fills from the run (the step count needs the data): stand-ins for the check.
+    stand_ins = {"total_steps": run.train.steps or 10 ** 9, "lr": run.optimizer.get("lr", 1e-3)}
     try:
+        for name in registry.method_class(run.method["name"]).run_fields:
+            if fields.get(name) is None:
+                fields[name] = stand_ins[name]
         registry.config(run.method["name"], **fields)
     except PeftlabError as err:
         raise PeftlabError(f"config key method: {err}") from None

@@ -166,6 +166,31 @@ def calibration_batches(run: configuration.RunConfig, rows: list[dict], kind: st
             for b in range(count)]
 
 
+def optimizer_steps(run: configuration.RunConfig, train_examples: int) -> int:
+    """The run's optimizer steps: train.steps, else the Trainer's count for train.epochs."""
+    if run.train.steps is not None:
+        return run.train.steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(train_examples / (run.train.batch_size * world))  # per process and epoch
+    return math.ceil(run.train.epochs * max(math.ceil(batches / run.train.grad_accum), 1))
+
+
+def fill_run_fields(run: configuration.RunConfig, train_examples: int) -> None:
+    """Give the method the run's step count and learning rate where it asks for them and the config is silent.
+
+    The filled values are saved with the run (config.yaml), so a resumed run and the `peft`
+    peer see the same numbers.
+    """
+    from .registry import method_class
+
+    if run.method["name"] in adaptation.BASELINES:
+        return
+    values = {"total_steps": optimizer_steps(run, train_examples), "lr": run.optimizer["lr"]}
+    for name in method_class(run.method["name"]).run_fields:
+        if run.method.get(name) is None:
+            run.method[name] = values[name]
+
+
 def build_model(run: configuration.RunConfig, task: data.TaskData, train_rows: list[dict],
                 adapter_state: dict | None = None):
     """(model, tokenizer, method config) with the method attached.
@@ -437,9 +462,10 @@ def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool
     main = state.is_main_process
     run_dir = _shared_output(run)
     run.output = str(run_dir)
-    latest = check_output(run_dir, run, resume, overwrite)
     task = load_task(run)  # a bad data file fails here, before the run directory is touched
     train_rows, val_rows, test_rows = data.split(task.rows, tuple(run.data.split), run.seed)
+    fill_run_fields(run, len(train_rows))
+    latest = check_output(run_dir, run, resume, overwrite)
     state.wait_for_everyone()
     if main:
         if overwrite and not resume:

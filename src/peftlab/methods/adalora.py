@@ -120,13 +120,11 @@ class AdaLoRA(MethodConfig):
     hosts = ("linear", "conv1d", "conv2d")
     step_hook = True
     adds_loss = True
+    run_fields = ("total_steps",)  # filled by the training recipe when unset
     trainable_formula = "init_r * (in + out + 1) per site (ranks pruned by zeroing lam, not removed)"
 
     def validate(self) -> None:
-        for name in ("init_r", "target_r", "delta_t"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise PeftlabError(f"AdaLoRA {name} must be a positive integer, got {value!r}")
+        self.check_positive_int("init_r", "target_r", "delta_t")
         if self.target_r > self.init_r:
             raise PeftlabError(f"AdaLoRA prunes from init_r={self.init_r} down to target_r={self.target_r}: "
                                "target_r must be <= init_r")
@@ -140,8 +138,7 @@ class AdaLoRA(MethodConfig):
             raise PeftlabError(f"AdaLoRA beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.orth_reg_weight < 0:
             raise PeftlabError(f"AdaLoRA orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"AdaLoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_dropout()
 
     def validate_site(self, site: Site) -> None:
         fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)

@@ -118,8 +118,7 @@ class ALLoRA(MethodConfig):
     trainable_formula = "r * (in + out) per site"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PeftlabError(f"ALLoRA r must be a positive integer, got {self.r!r}")
+        self.check_positive_int("r")
         if not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) or self.eta <= 0:
             raise PeftlabError(f"ALLoRA eta must be a positive finite number (the rate of a zero group), got {self.eta!r}")
         if self.granularity not in GRANULARITIES:

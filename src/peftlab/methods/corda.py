@@ -118,13 +118,11 @@ class CorDA(MethodConfig):
     trainable_formula = "r * (in + out) per site"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"CorDA r must be a positive integer, got {self.r!r}")
+        self.check_positive_int("r")
         if self.mode not in MODES:
             raise PeftlabError(f"CorDA mode {self.mode!r} is unknown; choose 'ipm' (instruction-previewed, top r) "
                                "or 'kpm' (knowledge-preserved, bottom r)")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"CorDA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_dropout()
 
     @property
     def scale(self) -> float:

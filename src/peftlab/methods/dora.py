@@ -158,10 +158,8 @@ class DoRA(MethodConfig):
     trainable_formula = "r * (in + out) + out per site"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise PeftlabError(f"DoRA r must be a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"DoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r")
+        self.check_dropout()
         if self.init not in INITS:
             raise PeftlabError(f"DoRA init {self.init!r} is unknown; choose one of {INITS} "
                                "(SVD-based inits are LoRA options: use peftlab.LoRA)")

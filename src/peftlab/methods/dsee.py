@@ -115,16 +115,12 @@ class DSEE(MethodConfig):
     trainable_formula = "r * (in + out) + num_sparse per site"
 
     def validate(self) -> None:
-        for name in ("r", "num_sparse", "decomposition_iters"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise PeftlabError(f"DSEE {name} must be a positive integer, got {value!r}")
+        self.check_positive_int("r", "num_sparse", "decomposition_iters")
         if self.support not in SUPPORTS:
             raise PeftlabError(f"DSEE support {self.support!r} is unknown; choose one of {SUPPORTS}")
         if not 0 < self.decomposition_ratio < 1:
             raise PeftlabError(f"DSEE decomposition_ratio must be in (0, 1), got {self.decomposition_ratio!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"DSEE dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_dropout()
 
     def validate_site(self, site: Site) -> None:
         fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)

@@ -134,16 +134,13 @@ class EVA(MethodConfig):
     trainable_formula = "k * (in + out) per site; k in [0, rho*r] by explained variance, sum(k) = sum(r)"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"EVA r must be a positive integer, got {self.r!r}")
+        self.check_positive_int("r")
         if self.rho < 1:
             raise PeftlabError(f"EVA rho must be >= 1 (1 = no redistribution), got {self.rho!r}")
         if not 0 <= self.tau <= 1:
             raise PeftlabError(f"EVA tau is a cosine similarity in [0, 1], got {self.tau!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"EVA dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.max_batches, int) or self.max_batches <= 0:
-            raise PeftlabError(f"EVA max_batches must be a positive integer, got {self.max_batches!r}")
+        self.check_dropout()
+        self.check_positive_int("max_batches")
 
     def validate_site(self, site: Site) -> None:
         fan_in = site.kind.in_features(site.host)

@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Adapter
-from ..errors import PeftlabError
 from ..hosts import HostKind
 from ..registry import MethodConfig, Site, register
 
@@ -104,12 +103,8 @@ class FLoRA(MethodConfig):
     trainable_formula = "linear: r^2 + r*(in + out); conv2d: r^2*rk^2 + r*(cin + out) + rk*(kh + kw) per site"
 
     def validate(self) -> None:
-        for name in ("r", "kernel_r"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise PeftlabError(f"FLoRA {name} must be a positive integer, got {value!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"FLoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r", "kernel_r")
+        self.check_dropout()
 
     def _dims(self, site: Site) -> tuple[int, int, tuple[int, ...]]:
         """(out, in channels, kernel size) of a host; kernel () for linear hosts."""

@@ -179,6 +179,7 @@ class IncreLoRA(MethodConfig):
 
     step_hook = True
     adds_loss = True
+    run_fields = ("total_steps",)  # filled by the training recipe when unset
     trainable_formula = "rank * (in + out + 1) per site in use; max_rank * (in + out + 1) stored"
 
     def validate(self) -> None:
@@ -194,8 +195,7 @@ class IncreLoRA(MethodConfig):
                                f"rank_step={self.increment}: raise max_rank")
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise PeftlabError(f"IncreLoRA beta1 and beta2 must be in (0, 1), got {self.beta1!r}, {self.beta2!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"IncreLoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_dropout()
 
     @property
     def capacity(self) -> int:

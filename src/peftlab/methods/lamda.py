@@ -92,17 +92,15 @@ class LaMDA(MethodConfig):
     total_steps: int | None = None  # the run's optimizer steps; needed by the freezing schedule
 
     step_hook = True
+    run_fields = ("total_steps",)  # filled by the training recipe when unset
     trainable_formula = "r * r + out * r per site (B's columns freeze during training)"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"LaMDA r must be a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"LaMDA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r")
+        self.check_dropout()
         if not self.eta > 0:
             raise PeftlabError(f"LaMDA eta must be > 0 (a fraction of total_steps, e.g. 0.3), got {self.eta!r}")
-        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps <= 0):
-            raise PeftlabError(f"LaMDA total_steps must be a positive integer, got {self.total_steps!r}")
+        self.check_positive_int("total_steps", optional=True)
 
     def validate_site(self, site: Site) -> None:
         fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)

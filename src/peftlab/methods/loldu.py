@@ -99,8 +99,7 @@ class LoLDU(MethodConfig):
     trainable_formula = "r per site (+1 with train_scale)"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"LoLDU r must be a positive integer, got {self.r!r}")
+        self.check_positive_int("r")
 
     def validate_site(self, site: Site) -> None:
         fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)

@@ -119,10 +119,8 @@ class LoRA(MethodConfig):
     trainable_formula = "r * (in + out) per site"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"LoRA r must be a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r")
+        self.check_dropout()
         if self.init not in INITS:
             raise PeftlabError(f"LoRA init {self.init!r} is unknown; choose one of {INITS}")
 

@@ -122,14 +122,12 @@ class LoRAGA(MethodConfig):
     trainable_formula = "r * (in + out) per site"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"LoRA-GA r must be a positive integer, got {self.r!r}")
+        self.check_positive_int("r")
         if self.direction not in DIRECTIONS:
             raise PeftlabError(f"LoRA-GA direction {self.direction!r} is unknown; choose one of {DIRECTIONS}")
         if self.scale_mode not in SCALES:
             raise PeftlabError(f"LoRA-GA scale_mode {self.scale_mode!r} is unknown; choose one of {SCALES}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"LoRA-GA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_dropout()
         if self.stable_gamma <= 0:
             raise PeftlabError(f"LoRA-GA stable_gamma must be positive, got {self.stable_gamma!r}")
 

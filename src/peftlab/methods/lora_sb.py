@@ -119,18 +119,16 @@ class LoRASB(MethodConfig):
     svd_niter: int | None = None  # None: exact SVD, else iterations of a randomised SVD
 
     needs_calibration = True
+    run_fields = ("total_steps", "lr")  # filled by the training recipe when unset
     trainable_formula = "r * r per site"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"LoRA-SB r must be a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"LoRA-SB dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r")
+        self.check_dropout()
         if self.lr <= 0 or self.warmup_ratio <= 0:
             raise PeftlabError(f"LoRA-SB lr and warmup_ratio must be > 0, got lr={self.lr!r}, "
                                f"warmup_ratio={self.warmup_ratio!r}")
-        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps <= 0):
-            raise PeftlabError(f"LoRA-SB total_steps must be a positive integer, got {self.total_steps!r}")
+        self.check_positive_int("total_steps", optional=True)
 
     def validate_site(self, site: Site) -> None:
         fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)

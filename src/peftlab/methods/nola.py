@@ -139,12 +139,8 @@ class NOLA(MethodConfig):
     trainable_formula = "2 * num_basis per site (independent of r and of the layer's size)"
 
     def validate(self) -> None:
-        for name in ("r", "num_basis"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise PeftlabError(f"NOLA {name} must be a positive integer, got {value!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"NOLA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r", "num_basis")
+        self.check_dropout()
 
     def validate_site(self, site: Site) -> None:
         fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)

@@ -44,6 +44,7 @@ from ..core import Adapter
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE, HostKind
 from ..registry import MethodConfig, Site, register
+from .vera import basis_shape_at, check_basis_shape, check_fits_basis
 
 BASES = ("dense", "sparse", "very_sparse")
 
@@ -149,33 +150,16 @@ class RandLoRA(MethodConfig):
     trainable_formula = "n * (r + min(in, out)) per site, n = ceil(min(in, out) / r)"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"RandLoRA r must be a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"RandLoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r")
+        self.check_dropout()
         if self.bases not in BASES:
             raise PeftlabError(f"RandLoRA bases {self.bases!r} is unknown; choose one of {BASES}")
-        if self.basis_shape is not None and (
-            len(self.basis_shape) != 2 or not all(isinstance(n, int) and n > 0 for n in self.basis_shape)
-        ):
-            raise PeftlabError(f"RandLoRA basis_shape must be [out_max, in_max] (positive integers) or None, "
-                               f"got {self.basis_shape!r}")
-
-    def _shape_at(self, site: Site) -> tuple[int, int]:
-        if self.basis_shape is None:
-            return site.kind.out_features(site.host), site.kind.in_features(site.host)
-        return int(self.basis_shape[0]), int(self.basis_shape[1])
+        check_basis_shape(self)
 
     def validate_site(self, site: Site) -> None:
-        out_features, in_features = site.kind.out_features(site.host), site.kind.in_features(site.host)
-        out_max, in_max = self._shape_at(site)
-        if out_features > out_max or in_features > in_max:
-            raise PeftlabError(
-                f"RandLoRA basis_shape {[out_max, in_max]} is smaller than {site.name} ({out_features} x {in_features}): "
-                "use basis_shape=None or at least the largest targeted [out, in]"
-            )
+        check_fits_basis(self, site)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> RandLoRAAdapter:
         weight = site.kind.matrix(site.host)
         return RandLoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.alpha / self.r, self.seed,
-                               self._shape_at(site), self.bases, self.dropout, weight.dtype)
+                               basis_shape_at(self, site), self.bases, self.dropout, weight.dtype)

@@ -86,10 +86,8 @@ class SoRA(MethodConfig):
     trainable_formula = "r * (in + out + 1) per site (fewer after pruning: kept * (in + out))"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"SoRA r must be a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"SoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.check_positive_int("r")
+        self.check_dropout()
         if self.xi < 0 or self.l1 < 0:
             raise PeftlabError(f"SoRA xi and l1 must be >= 0, got xi={self.xi!r}, l1={self.l1!r}")
 

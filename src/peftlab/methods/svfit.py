@@ -81,8 +81,7 @@ class SVFit(MethodConfig):
     trainable_formula = "r per site (r chosen per site when energy is set)"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"SVFit r must be a positive integer, got {self.r!r}")
+        self.check_positive_int("r")
         if self.energy is not None and not 0 < self.energy <= 1:
             raise PeftlabError(f"SVFit energy must be in (0, 1], e.g. 0.99, got {self.energy!r}")
 

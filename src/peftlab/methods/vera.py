@@ -59,6 +59,34 @@ def shared_bases(seed: int, out_max: int, in_max: int, r: int, dtype: torch.dtyp
     return A, B
 
 
+# VeRA and RandLoRA share the shape rule of their frozen bases: `basis_shape: [out_max, in_max]`
+# draws one pair per seed and slices it for every site (peft's layout); None draws per shape.
+
+
+def check_basis_shape(config: MethodConfig) -> None:
+    shape = config.basis_shape
+    if shape is not None and (len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape)):
+        raise PeftlabError(f"{type(config).__name__} basis_shape must be [out_max, in_max] (positive integers) "
+                           f"or None, got {shape!r}")
+
+
+def basis_shape_at(config: MethodConfig, site: Site) -> tuple[int, int]:
+    """(out, in) of the bases a site slices from: the suite-wide basis_shape, else its own shape."""
+    if config.basis_shape is None:
+        return site.kind.out_features(site.host), site.kind.in_features(site.host)
+    return int(config.basis_shape[0]), int(config.basis_shape[1])
+
+
+def check_fits_basis(config: MethodConfig, site: Site) -> None:
+    out_features, in_features = site.kind.out_features(site.host), site.kind.in_features(site.host)
+    out_max, in_max = basis_shape_at(config, site)
+    if out_features > out_max or in_features > in_max:
+        raise PeftlabError(
+            f"{type(config).__name__} basis_shape {[out_max, in_max]} is smaller than {site.name} "
+            f"({out_features} x {in_features}): use basis_shape=None or at least the largest targeted [out, in]"
+        )
+
+
 class VeRAAdapter(Adapter):
     def __init__(self, kind: HostKind, in_features: int, out_features: int, r: int, seed: int,
                  basis_shape: tuple[int, int], d_initial: float, dropout: float, dtype: torch.dtype):
@@ -102,31 +130,14 @@ class VeRA(MethodConfig):
     trainable_formula = "r + out per site (frozen random A, B regenerated from one seed)"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise PeftlabError(f"VeRA r must be a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1:
-            raise PeftlabError(f"VeRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.basis_shape is not None and (
-            len(self.basis_shape) != 2 or not all(isinstance(n, int) and n > 0 for n in self.basis_shape)
-        ):
-            raise PeftlabError(f"VeRA basis_shape must be [out_max, in_max] (positive integers) or None, "
-                               f"got {self.basis_shape!r}")
-
-    def _shape_at(self, site: Site) -> tuple[int, int]:
-        if self.basis_shape is None:
-            return site.kind.out_features(site.host), site.kind.in_features(site.host)
-        return int(self.basis_shape[0]), int(self.basis_shape[1])
+        self.check_positive_int("r")
+        self.check_dropout()
+        check_basis_shape(self)
 
     def validate_site(self, site: Site) -> None:
-        out_features, in_features = site.kind.out_features(site.host), site.kind.in_features(site.host)
-        out_max, in_max = self._shape_at(site)
-        if out_features > out_max or in_features > in_max:
-            raise PeftlabError(
-                f"VeRA basis_shape {[out_max, in_max]} is smaller than {site.name} ({out_features} x {in_features}): "
-                "use basis_shape=None or at least the largest targeted [out, in]"
-            )
+        check_fits_basis(self, site)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> VeRAAdapter:
         weight = site.kind.matrix(site.host)
-        return VeRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.seed, self._shape_at(site),
+        return VeRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.seed, basis_shape_at(self, site),
                            self.d_initial, self.dropout, weight.dtype)

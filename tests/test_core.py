@@ -192,6 +192,34 @@ def test_step_and_regularization_hooks_reach_the_method():
     assert calls == [(4, 7)] and peftlab.regularization(model) is None
 
 
+@pytest.mark.parametrize("method", ["lora", "pissa", "dora", "vera"])
+def test_detach_keep_merged_leaves_a_plain_model_computing_the_adapted_function(method):
+    base = tiny_bert()
+    names, flags = set(base.state_dict()), {n: p.requires_grad for n, p in base.named_parameters()}
+    batch = token_batch()
+    model = peftlab.attach(base, peftlab.config(method, r=4, targets=QV, also_train=["pooler"]))
+    _randomise(model)
+    with torch.no_grad():
+        model.pooler.dense.bias.add_(0.5)  # what training made of an also_train module
+    expected = output_of(model, batch)
+    peftlab.detach(model, keep_merged=True)
+    assert "_peftlab" not in model.__dict__ and set(model.state_dict()) == names
+    assert not any(".adapters." in n for n, _ in model.named_modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    torch.testing.assert_close(output_of(model, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_detach_keep_merged_takes_every_adapter_at_once():
+    model = peftlab.attach(tiny_bert(), peftlab.LoRA(r=2, targets=["query"]), "a")
+    peftlab.attach(model, peftlab.LoRA(r=2, targets=["value"]), "b")
+    weights = _state(model)
+    with pytest.raises(PeftlabError, match="removes every adapter at once.*Detach the others first"):
+        peftlab.detach(model, "a", keep_merged=True)
+    assert set(peftlab.configs(model)) == {"a", "b"}
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+
+
 def test_merge_refuses_a_method_without_weight_form():
     from peftlab.core import Adapter
 
@@ -216,6 +244,9 @@ def test_merge_refuses_a_method_without_weight_form():
     weights = _state(model)
     with pytest.raises(PeftlabError, match="no weight form and cannot be merged"):
         peftlab.merge(model)
+    with pytest.raises(PeftlabError, match="no weight form and cannot be merged"):
+        peftlab.detach(model, keep_merged=True)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
     assert all(not slot.merged for _, slot in peftlab.core._slots(model))
+    assert peftlab.configs(model)  # still attached

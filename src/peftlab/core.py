@@ -195,7 +195,8 @@ def _sites(model: nn.Module, config: MethodConfig) -> list[Site]:
     return sites
 
 
-def _also_train_params(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parameter]:
+def also_train_parameters(model: nn.Module, patterns: list[str]) -> dict[str, nn.Parameter]:
+    """name -> parameter of the modules that `also_train` patterns select (tied weights once)."""
     if not patterns:
         return {}
     modules = dict(model.named_modules())
@@ -248,7 +249,7 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
         per_site[s.name].validate_site(s)
         if ADAPTERS in s.host.__dict__ or (ADAPTERS in s.host._modules and _slot(s.host) is None):
             raise PeftlabError(f"{s.name} already has an attribute {ADAPTERS!r}; peftlab cannot attach there")
-    also = _also_train_params(model, list(config.also_train))
+    also = also_train_parameters(model, list(config.also_train))
 
     initialize = state_dict is None
     stats: dict[str, Any] = {}
@@ -312,10 +313,22 @@ def _fill(built: dict[str, Adapter], state_dict: dict[str, Tensor], name: str) -
         adapter.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=False)
 
 
-def detach(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Module:
-    """Remove adapters (all when name is None) and restore what they changed, exactly."""
+def detach(model: nn.Module, name: str | Iterable[str] | None = None, keep_merged: bool = False) -> nn.Module:
+    """Remove adapters (all when name is None) and restore what they changed, exactly.
+
+    keep_merged=True keeps what they learned instead: every adapter is merged into its host
+    weights (W <- f(W)) and the also_train modules keep their trained values, so the plain
+    model computes what the adapted one did (`peft`'s merge_and_unload). It applies to all
+    adapters at once, and is refused, changing nothing, if one has no weight form.
+    """
     state = _state(model)
     names = _names(state, name)
+    if keep_merged:
+        if set(names) != set(state.groups):
+            raise PeftlabError(f"detach(keep_merged=True) removes every adapter at once; attached: "
+                               f"{list(state.groups)}. Detach the others first (plainly) or leave name=None")
+        merge(model, names)  # refuses weightless methods before touching anything
+        kept = _learned_tensors(model, state)
     # Undo in reverse order of attach so weight snapshots pop from the top of each stack.
     for n in reversed([g for g in state.groups if g in names]):
         unmerge(model, n)
@@ -338,7 +351,21 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Modu
         for pname, p in model.named_parameters():
             p.requires_grad_(state.requires_grad.get(pname, p.requires_grad))
         del model.__dict__["_peftlab"]
+    if keep_merged:
+        _put_back(model, kept)
     return model
+
+
+def _learned_tensors(model: nn.Module, state: State) -> dict[str, Tensor]:
+    """Copies of what the adapters changed: merged host weights and trained also_train parameters."""
+    learned = {}
+    for group_name, group in state.groups.items():
+        for site in group.sites:
+            for pname, p in model.get_submodule(site).named_parameters(recurse=False):
+                learned[f"{site}.{pname}"] = p.detach().clone()
+        params = dict(model.named_parameters())
+        learned.update({k: params[k].detach().clone() for k in state.also_train[group_name]})
+    return learned
 
 
 def _put_back(model: nn.Module, values: dict[str, Tensor]) -> None:

@@ -364,7 +364,7 @@ def _check_fits(model: nn.Module, plan: _Plan) -> None:
             )
     try:
         selected = [s.name for s in core._sites(model, plan.config)]
-        trained = core._also_train_params(model, list(plan.config.also_train))
+        trained = core.also_train_parameters(model, list(plan.config.also_train))
     except PeftlabError as err:
         raise PeftlabError(f"{label} does not fit this model: {err}") from None
     extra = [s for s in selected if s not in plan.sites]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import adaptation, data, models
-from .core import configs, detach, merge
+from .core import configs, detach
 from .errors import PeftlabError
 from .io import load, save
 
@@ -154,24 +154,11 @@ def _publish(scratch: pathlib.Path, out: pathlib.Path) -> None:
     os.rename(scratch, out)
 
 
-def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every attached adapter merged into its weights.
-
-    The core's merge writes W' = f(W) into the host layers; its detach would then restore W0.
-    To keep the merged values without the adapter modules, the merged base tensors are copied
-    out, the adapters detached, and the copies loaded back (see merge_run).
-    """
-    merge(model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." not in k}
-
-
 def merge_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, echo=print) -> pathlib.Path:
     out = _fresh_target(out)
     model, tokenizer, run, task = load_trained(run_dir)
     if configs(model):
-        state = merged_state(model)
-        detach(model)
-        model.load_state_dict(state)
+        detach(model, keep_merged=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

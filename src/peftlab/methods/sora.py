@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import ADAPTERS, Adapter, _also_train_params, adapters as adapters_of, attach, configs, detach
+from ..core import ADAPTERS, Adapter, also_train_parameters, adapters as adapters_of, attach, configs, detach
 from ..errors import PeftlabError
 from ..hosts import HostKind
 from ..registry import MethodConfig, Site, register
@@ -157,7 +157,7 @@ def prune(model: nn.Module, name: str = "default") -> nn.Module:
     """Replace SoRA adapter `name` by its pruned plain LoRA (same name, same outputs). In place."""
     lora, tensors = to_lora(model, name)
     # detach puts also_train modules back to their base values; keep what training made of them.
-    trained = {k: p.detach().clone() for k, p in _also_train_params(model, list(lora.also_train)).items()}
+    trained = {k: p.detach().clone() for k, p in also_train_parameters(model, list(lora.also_train)).items()}
     detach(model, name)
     attach(model, lora, name, state_dict=tensors)
     params = dict(model.named_parameters())

@@ -43,10 +43,11 @@ def make_suite(**changes) -> suites.Suite:
 class FakeTraining:
     """Stands in for a training run: scores from a table, counts its calls."""
 
-    def __init__(self, validation=None, fail=()):
+    def __init__(self, validation=None, fail=(), bonus=None):
         self.calls: list[Job] = []
         self.validation = validation or {}
         self.fail = set(fail)
+        self.bonus = bonus or {}  # method -> added to its test score
 
     def __call__(self, job, config, run_dir, suite):
         self.calls.append(job)
@@ -55,7 +56,7 @@ class FakeTraining:
         lr = config["optimizer"]["lr"]
         if job.phase == "select":
             return {"metrics": {"validation": {"accuracy": self.validation.get(lr, 0.5)}}}
-        score = 0.8 + 0.01 * job.seed + (0.02 if job.implementation == "peft" else 0.0)
+        score = 0.8 + 0.01 * job.seed + (0.02 if job.implementation == "peft" else 0.0) + self.bonus.get(job.method, 0)
         return {"metrics": {"test": {"accuracy": score}}, "trainable_parameters": 1000 * (1 + len(job.method)),
                 "total_parameters": 10 ** 6, "trainable_share": 1e-3, "train_time_s": 10.0 + job.seed,
                 "s_per_step": 0.5, "cpu_s_per_step": 0.4 if job.implementation == "peft" else 0.5, "peak_rss_mb": 900.0, "steps": 10, "adapter_bytes": 4096}
@@ -318,7 +319,7 @@ def test_forgetting_is_the_loss_change_against_the_reference(tmp_path):
 
 def fixture_records(tmp_path) -> tuple[suites.Suite, pathlib.Path]:
     s = make_suite()
-    run(s, tmp_path, FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6}))
+    run(s, tmp_path, FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6}, bonus={"dora": -0.1, "pissa": 0.03}))
     failed = {"schema": runner.SCHEMA, "run": "x--movie-sentiment--s0", "status": "failed", "phase": "final",
               "error": "PeftlabError: something | broke"}
     runner.write_record(tmp_path / "results" / "x--movie-sentiment--s0.json", failed)
@@ -330,9 +331,13 @@ def test_report_table_peer_column_grid_and_plots(tmp_path):
     path = report.write_report(s, results)
     text = path.read_text()
     # mean +- sample std over seeds 0 and 1: 0.80, 0.81 -> 0.805 +- 0.007
-    assert ("| **head-only** | 0.805 ± 0.007 | 10.0k | 0.100% | 10 ± 1 | 0.500 ± 0.000 | 0.500 ± 0.000 "
+    assert ("| **head-only** | 0.805 ± 0.007 | - | 0,1 | 10.0k | 0.100% | 10 ± 1 | 0.500 ± 0.000 | 0.500 ± 0.000 "
             "| 900 ± 0 | 4.0 KB | 0.001 |") in text
-    assert "| lora | 0.805 ± 0.007 | 5.0k |" in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and " ± " in line]
+    assert rows[:4] == ["| **head-only**", "| pissa", "| lora", "| dora"]  # baselines, then best first
+    assert "| pissa | 0.835 ± 0.007 | +0.030 | 0,1 | 6.0k |" in text
+    assert "| lora | 0.805 ± 0.007 | +0.000 | 0,1 | 5.0k |" in text
+    assert "| dora | 0.705 ± 0.007 | -0.100 | 0,1 |" in text
     assert ("| lora | 0.805 ± 0.007 | 0.825 ± 0.007 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 "
             "| 1.25x | 900 ± 0 | 900 ± 0 |") in text  # side by side with peft
     assert "| movie-sentiment | lora | 0.0001: 0.7000, 0.001: 0.6000 | 0.0001 |" in text

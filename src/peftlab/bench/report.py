@@ -137,27 +137,36 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str],
     if suite.description:
         lines += [suite.description, ""]
     seeds = ", ".join(str(s) for s in suite.seeds)
-    lines += [f"Score: `{metric}` ({better}), mean ± std over seeds {seeds}. Time and memory are per run on "
-              f"the machine named below; `s/step` is training wall time / optimizer steps.", ""]
+    lines += [f"Score: `{metric}` ({better}), mean ± std over the seeds of the suite ({seeds}) that have "
+              f"finished (column `seeds`). Time and memory are per run on the machine named below; `s/step` is "
+              f"training wall time / optimizer steps.", ""]
     has_forgetting = any(v["forgetting"] is not None for v in table.values())
     for task in tasks:
         lines += [f"## {task}", ""]
-        header = ["method", metric, "trainable", "share", "train time (s)", "s/step", "CPU s/step", "peak RSS (MB)",
-                  "adapter file", "lr"]
+        probe = table.get((task, "head-only", "peftlab"), {}).get("score")
+        header = ["method", metric, "seeds", "trainable", "share", "train time (s)", "s/step", "CPU s/step",
+                  "peak RSS (MB)", "adapter file", "lr"]
+        if probe:
+            header.insert(2, "vs head-only")
         if has_forgetting:
             header.insert(2, "forgetting (Δ loss)")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in _method_order(table, task, mode):
             row = table[(task, method, "peftlab")]
             cells = [f"**{method}**" if method in BASELINES else method, _mean_std(row["score"]),
-                     _count(row["trainable"]), _percent(row["share"]), _mean_std(row["train_time"], 0),
-                     _mean_std(row["s_per_step"], 3), _mean_std(row["cpu_s_per_step"], 3), _mean_std(row["rss"], 0),
-                     _bytes(row["adapter"]),
+                     ",".join(map(str, row["seeds"])), _count(row["trainable"]), _percent(row["share"]),
+                     _mean_std(row["train_time"], 0), _mean_std(row["s_per_step"], 3),
+                     _mean_std(row["cpu_s_per_step"], 3), _mean_std(row["rss"], 0), _bytes(row["adapter"]),
                      f"{row['lr']:g}" if row["lr"] else "-"]
+            if probe:
+                cells.insert(2, "-" if method == "head-only" or not row["score"]
+                             else f"{row['score'][0] - probe[0]:+.3f}")
             if has_forgetting:
                 cells.insert(2, _mean_std(row["forgetting"], 3))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if probe:
+            lines += ["`vs head-only`: the mean score minus the linear probe's (the classifier alone trained).", ""]
         lines += _peer_table(table, task, metric)
     lines += [f"![score vs trainable parameters]({p})" for p in plots[:1]]
     lines += ["", *[f"![score vs training time]({p})" for p in plots[1:2]], ""]
@@ -203,7 +212,8 @@ def _grid_section(suite: Suite, table: dict) -> list[str]:
     if chosen:
         lines += ["", "| task | method | validation scores by lr | chosen |", "|---|---|---|---|"]
         for task, method, selection in chosen:
-            scores = ", ".join(f"{lr}: {s:.4f}" for lr, s in selection["scores"].items())
+            by_rate = sorted(selection["scores"].items(), key=lambda item: float(item[0]))
+            scores = ", ".join(f"{lr}: {s:.4f}" for lr, s in by_rate)
             lines.append(f"| {task} | {method} | {scores} | {selection['chosen']:g} |")
     else:
         lines += ["", "Every grid here has one rate, so no selection runs were needed."]
@@ -314,7 +324,8 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="best")
-        figure.suptitle(f"bench {suite.name}: mean over seeds {', '.join(map(str, suite.seeds))}")
+        finished = sorted({seed for v in table.values() for seed in v["seeds"]})
+        figure.suptitle(f"bench {suite.name}: mean over seeds {', '.join(map(str, finished))}")
         figure.tight_layout()
         figure.savefig(out_dir / filename, dpi=110)
         plt.close(figure)

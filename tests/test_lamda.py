@@ -61,6 +61,19 @@ def test_columns_of_B_freeze_on_schedule_and_keep_their_values():
         assert torch.equal(adapter.A, A0[site])
 
 
+def test_a_fully_frozen_B_stays_frozen_when_adapters_are_switched():
+    model = peftlab.attach(tiny_bert(), peftlab.LaMDA(r=4, targets=QV), "a")
+    peftlab.attach(model, peftlab.LoRA(r=2, targets=QV), "b")
+    peftlab.set_active(model, ["a"])
+    for adapter in peftlab.adapters(model, "a").values():
+        adapter.freeze_columns(4)  # the end of the schedule: B takes no more gradients
+    peftlab.set_active(model, ["b"])
+    peftlab.set_active(model, ["a", "b"])
+    for adapter in peftlab.adapters(model, "a").values():
+        assert not adapter.B.requires_grad and adapter.Sigma.requires_grad
+    assert all(a.A.requires_grad for a in peftlab.adapters(model, "b").values())
+
+
 def test_schedule_needs_total_steps():
     model = peftlab.attach(tiny_bert(), peftlab.LaMDA(r=2, targets=QV))
     with pytest.raises(peftlab.PeftlabError, match="total_steps"):

@@ -67,7 +67,7 @@ class Group:
 
     config: MethodConfig
     sites: dict[str, Adapter]  # site name -> adapter
-    trainable: dict[str, bool]  # parameter name -> requires_grad as built (restored on set_active)
+    trainable: dict[str, bool]  # parameter name -> requires_grad while active (restored on set_active)
 
 
 @dataclass
@@ -459,11 +459,14 @@ def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
     """Choose which attached adapters run (in attach order); only active ones train."""
     state = _state(model)
     wanted = _names(state, names)
+    was_active = set(state.active)
     state.active = [n for n in state.groups if n in wanted]
     params = dict(model.named_parameters())
     for n, group in state.groups.items():
-        for pname, flag in group.trainable.items():
-            params[pname].requires_grad_(flag and n in wanted)
+        for pname in group.trainable:
+            if n in was_active:  # keep what training did to the flags (LaMDA freezing B, ...)
+                group.trainable[pname] = params[pname].requires_grad
+            params[pname].requires_grad_(group.trainable[pname] and n in wanted)
 
 
 @contextlib.contextmanager

@@ -349,6 +349,24 @@ def test_report_table_peer_column_grid_and_plots(tmp_path):
         assert (results / name).stat().st_size > 5000 and f"({name})" in text
 
 
+def test_the_report_tables_are_embedded_between_markers(tmp_path):
+    s, results = fixture_records(tmp_path)
+    path = report.write_report(s, results)
+    page = tmp_path / "README.md"
+    page.write_text("# Title\n\nbefore\n<!-- bench:t -->\nold table\n<!-- /bench:t -->\nafter\n")
+    report.embed(page, s, path)
+    report.embed(page, s, path)  # idempotent
+    text = page.read_text()
+    assert text.startswith("# Title\n\nbefore\n<!-- bench:t -->\n### movie-sentiment\n") and "old table" not in text
+    assert text.endswith("<!-- /bench:t -->\nafter\n") and text.count("### movie-sentiment") == 1
+    assert "| **head-only** | 0.805 ± 0.007 |" in text and "Learning rates" not in text
+    assert "(results/score_vs_trainable_parameters.png)" in text  # links relative to the page
+    page.write_text("no markers\n")
+    with pytest.raises(PeftlabError, match="needs the marker lines <!-- bench:t -->"):
+        report.embed(page, s, path)
+    assert page.read_text() == "no markers\n"
+
+
 def test_pareto_front():
     points = [(10, 0.7, "a"), (5, 0.6, "b"), (20, 0.65, "c"), (30, 0.9, "d"), (5, 0.5, "e")]
     assert [p[2] for p in report.pareto_front(points, "max")] == ["b", "a", "d"]

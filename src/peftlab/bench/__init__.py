@@ -2,7 +2,7 @@
 
     peftlab bench SUITE [--methods a,b] [--tasks t] [--seeds 0,1] [--only TEXT] [--no-peers]
                         [--workers N] [--dry-run]
-    peftlab bench report SUITE
+    peftlab bench report SUITE [--embed README.md]
     python -m peftlab.bench ...            (the same, without the peftlab command)
 
 SUITE is a name in bench/suites/ (quick, standard, lm) or the path of a suite .yaml file.
@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from .report import write_report
+from .report import embed, write_report
 from .runner import run_suite
 from .suite import Job, Suite, load, plan
 
-__all__ = ["Job", "Suite", "add_arguments", "load", "main", "plan", "results_dir_of", "run_from_args", "run_suite",
+__all__ = ["Job", "Suite", "add_arguments", "embed", "load", "main", "plan", "results_dir_of", "run_from_args", "run_suite",
            "write_report"]
 
 
@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", help="the results directory (default: bench/results/<suite>)")
     parser.add_argument("--runs", help="where run directories go (default: runs/bench/<suite>)")
     parser.add_argument("--no-report", action="store_true", help="do not write the report after running")
+    parser.add_argument("--embed", metavar="PAGE",
+                        help="also copy the report's tables into PAGE (e.g. README.md) between the lines "
+                             "<!-- bench:SUITE --> and <!-- /bench:SUITE -->")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -83,6 +86,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             return 0
     path = write_report(suite, results)
     print(f"report written to {path}")
+    if args.embed:
+        embed(pathlib.Path(args.embed), suite, path)
+        print(f"its tables copied into {args.embed}")
     return 0
 
 

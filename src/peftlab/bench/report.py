@@ -333,6 +333,34 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
     return written
 
 
+def embed(page: pathlib.Path, suite: Suite, report: pathlib.Path) -> None:
+    """Copy the report's per-task tables into `page` between two marker lines.
+
+    The markers are `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` (NAME: the suite's name);
+    what lies between them is replaced, the rest of the page is left as it is. Links in the
+    copied text are made relative to the page.
+    """
+    from ..errors import PeftlabError
+
+    start, end = f"<!-- bench:{suite.name} -->", f"<!-- /bench:{suite.name} -->"
+    text = page.read_text(encoding="utf-8")
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise PeftlabError(f"{page} needs the marker lines {start} and {end} (once each, in that order) "
+                           "around the place the tables go")
+    tables, keep = [], False
+    for line in report.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            keep = line[3:] in suite.tasks
+            line = "#" + line  # one level down inside the page's own section
+        if keep:
+            tables.append(line)
+    prefix = report.parent.resolve().relative_to(page.parent.resolve()).as_posix()
+    body = "\n".join(tables).replace("](", f"]({prefix}/").strip()
+    head, rest = text.split(start)
+    tail = rest.split(end)[1]
+    page.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
+
+
 def write_report(suite: Suite, results_dir: pathlib.Path) -> pathlib.Path:
     records = read_records(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)

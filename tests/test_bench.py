@@ -138,6 +138,7 @@ def test_run_config_gives_each_method_only_its_fields_and_fills_templates():
     ({"seeds": []}, "seeds must be a non-empty list"),
     ({"run": {"task": "sms-spam"}}, "list tasks under `tasks`"),
     ({"select": {"metric": "accuracy"}}, "validation.accuracy"),
+    ({"lr_extend": -1}, "lr_extend must be an integer >= 0"),
 ])
 def test_bad_suites_name_the_key_and_the_fix(change, message):
     with pytest.raises(PeftlabError, match=message):
@@ -205,6 +206,32 @@ def test_learning_rate_is_chosen_on_validation_and_final_and_peer_runs_use_it(tm
         assert record["selection"]["scores"] == {"0.0001": 0.7, "0.001": 0.6}
     select = json.loads((results / "lora--movie-sentiment--s0--lr0.001--select.json").read_text())
     assert "test" not in select["metrics"]  # selection runs never see the test split
+
+
+def test_a_grid_grows_past_the_end_its_best_rate_sits_at(tmp_path):
+    s = make_suite(methods=["lora"], baselines=[], peer=False, seeds=[0], lr_extend=3)  # lora grid: 1e-4, 1e-3
+    fake = FakeTraining(validation={1e-4: 0.6, 1e-3: 0.7, 1e-2: 0.8, 1e-1: 0.75})
+    records, lines = run(s, tmp_path, fake)
+    assert [j.name for j in fake.calls] == [
+        "lora--movie-sentiment--s0--lr0.0001--select", "lora--movie-sentiment--s0--lr0.001--select",
+        "lora--movie-sentiment--s0--lr0.01--select",  # 1e-3 was best: one step of 10x further
+        "lora--movie-sentiment--s0--lr0.1--select",  # 1e-2 was best: one more; 0.1 is worse, so stop
+        "lora--movie-sentiment--s0"]
+    text = report.write_report(s, tmp_path / "results").read_text()
+    assert "| movie-sentiment | lora | 0.0001: 0.6000, 0.001: 0.7000, 0.01*: 0.8000, 0.1*: 0.7500 | 0.01 |" in text
+    assert "up to 3 rates were added" in text
+    final = {r["run"]: r for r in records}["lora--movie-sentiment--s0"]
+    assert final["lr"] == 0.01 and final["selection"]["added"] == [0.01, 0.1]
+    assert final["selection"]["scores"] == {"0.0001": 0.6, "0.001": 0.7, "0.01": 0.8, "0.1": 0.75}
+    again = FakeTraining()
+    run(s, tmp_path, again)
+    assert again.calls == []  # the added rates are remembered through their records
+
+    down = make_suite(methods=["lora"], baselines=[], peer=False, seeds=[0], lr_extend=1)
+    fake = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6, 1e-5: 0.9, 1e-6: 0.95})
+    records, _ = run(down, tmp_path / "down", fake)
+    assert [j.lr for j in fake.calls if j.phase == "select"] == [1e-4, 1e-3, 1e-5]  # capped at one added rate
+    assert records[-1]["lr"] == 1e-5
 
 
 def test_a_changed_config_or_a_failed_run_runs_again(tmp_path):

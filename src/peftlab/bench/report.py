@@ -203,6 +203,9 @@ def _grid_section(suite: Suite, table: dict) -> list[str]:
              f"Chosen per method and task from the grid below on `{suite.select['metric']}` "
              f"({suite.select['mode']}), with seed {suite.seeds[0]}; the test split is used once, by each final run. "
              f"Default grid: {', '.join(f'{x:g}' for x in suite.lr['default'])}."]
+    if suite.lr_extend:
+        lines.append(f"Where the best rate was the grid's largest or smallest, up to {suite.lr_extend} rates were "
+                     "added past that end, one step of the grid's ratio at a time (marked * below).")
     special = {m: g for m, g in suite.lr.items() if m != "default"}
     if special:
         lines.append("Own grids: " + "; ".join(f"{m}: {', '.join(f'{x:g}' for x in g)}" for m, g in special.items())
@@ -213,7 +216,8 @@ def _grid_section(suite: Suite, table: dict) -> list[str]:
         lines += ["", "| task | method | validation scores by lr | chosen |", "|---|---|---|---|"]
         for task, method, selection in chosen:
             by_rate = sorted(selection["scores"].items(), key=lambda item: float(item[0]))
-            scores = ", ".join(f"{lr}: {s:.4f}" for lr, s in by_rate)
+            added = {f"{lr:g}" for lr in selection.get("added", [])}
+            scores = ", ".join(f"{lr}{'*' if lr in added else ''}: {s:.4f}" for lr, s in by_rate)
             lines.append(f"| {task} | {method} | {scores} | {selection['chosen']:g} |")
     else:
         lines += ["", "Every grid here has one rate, so no selection runs were needed."]

@@ -79,24 +79,64 @@ def metric_value(record: dict[str, Any], metric: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
+def _selection_score(suite: Suite, job: Job, lr: float, results_dir: pathlib.Path) -> tuple[bool, float | None]:
+    """(has a usable record, its validation score) of the selection run of (method, task) at `lr`."""
+    probe = Job(job.method, job.task, suite.seeds[0], "select", lr=lr)
+    record = read_record(record_path(results_dir, probe))
+    if record is None:
+        return False, None
+    if lr not in suite.grid(job.method):  # an added rate: its record must be from the current config
+        config, _ = job_config(suite, probe, results_dir, pathlib.Path("runs"))
+        if record.get("config_hash") != suites.config_hash(config, probe):
+            return False, None
+    ok = record.get("status") == "ok"
+    return True, metric_value(record, suite.select["metric"]) if ok else None
+
+
+def grid_walk(suite: Suite, job: Job, results_dir: pathlib.Path) -> tuple[dict[float, float], list[float], float | None]:
+    """(validation score by rate, rates added past the grid, the next rate to try or None).
+
+    The suite's grid first. While the best score sits at the largest (smallest) rate tried and
+    fewer than `lr_extend` rates were added, one more rate goes past that end, a step of the
+    ratio between the two rates there (2e-3, 5e-3 -> 1.25e-2).
+    """
+    rates, added = suite.grid(job.method), []
+    pick = max if suite.select["mode"] == "max" else min
+    while True:
+        scores = {}
+        for lr in rates:
+            _, value = _selection_score(suite, job, lr, results_dir)
+            if value is not None:
+                scores[lr] = value
+        if not scores or len(rates) < 2 or len(added) >= suite.lr_extend:
+            return scores, added, None
+        best = pick(scores, key=lambda lr: scores[lr])  # ties: the smallest rate
+        if best == rates[-1]:
+            step = rates[-1] * rates[-1] / rates[-2]
+        elif best == rates[0]:
+            step = rates[0] * rates[0] / rates[1]
+        else:
+            return scores, added, None
+        step = float(f"{step:.3g}")
+        known, _ = _selection_score(suite, job, step, results_dir)
+        if not known:
+            return scores, added, step
+        rates, added = sorted([*rates, step]), [*added, step]
+
+
 def select_lr(suite: Suite, job: Job, results_dir: pathlib.Path) -> tuple[float, dict[str, Any]]:
-    """The grid's best learning rate for (method, task) on the validation metric, and the evidence."""
+    """The best learning rate for (method, task) on the validation metric, and the evidence."""
     grid = suite.grid(job.method)
     if len(grid) == 1:
         return grid[0], {"grid": grid, "chosen": grid[0], "metric": None, "scores": {}}
     metric, mode = suite.select["metric"], suite.select["mode"]
-    scores: dict[str, float] = {}
-    for lr in grid:
-        probe = Job(job.method, job.task, suite.seeds[0], "select", lr=lr)
-        record = read_record(record_path(results_dir, probe))
-        value = metric_value(record, metric) if record and record.get("status") == "ok" else None
-        if value is not None:
-            scores[f"{lr:g}"] = value
+    scores, added, _ = grid_walk(suite, job, results_dir)
     if not scores:
         raise PeftlabError(f"no selection run of {job.method} on {job.task} finished with {metric}: "
                            "see their records for the error, fix it and run the bench again")
-    best = (max if mode == "max" else min)(scores, key=lambda k: scores[k])  # ties: the first in grid order
-    return float(best), {"grid": grid, "chosen": float(best), "metric": metric, "mode": mode, "scores": scores}
+    best = (max if mode == "max" else min)(scores, key=lambda lr: scores[lr])  # ties: the smallest rate
+    return best, {"grid": grid, "added": added, "chosen": best, "metric": metric, "mode": mode,
+                  "scores": {f"{lr:g}": v for lr, v in sorted(scores.items())}}
 
 
 # ---- progress ------------------------------------------------------------------------------------
@@ -220,18 +260,19 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
     loop = Loop(suite, jobs, results_dir, runs_dir, executor, workers, echo, dry_run,
                 reuse=execute.evaluate_selected if reuse_selection else None)
     started, load = time.time(), os.getloadavg()[0]
-    pending = list(jobs)
-    while pending or loop.running:
-        for job in list(pending):  # in plan order: a job's dependencies come before it
+    loop.pending = list(jobs)
+    while loop.pending or loop.running:
+        waiting = len(loop.pending)
+        for job in list(loop.pending):  # in plan order: a job's dependencies come before it
             if not dry_run and len(loop.running) >= workers:
                 break
             if dry_run or loop.ready(job):
-                pending.remove(job)
+                loop.pending.remove(job)
                 loop.launch(job)
         if loop.running:
             loop.collect()
-        elif pending:  # cannot happen: every dependency is earlier in the plan
-            raise PeftlabError(f"bench: jobs wait on jobs that never ran: {[j.name for j in pending]}")
+        elif len(loop.pending) == waiting:  # nothing started, nothing added: a dependency never ran
+            raise PeftlabError(f"bench: jobs wait on jobs that never ran: {[j.name for j in loop.pending]}")
     if loop.spent:  # one line per invocation that ran something: how long the bench itself took
         log_invocation(results_dir, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
                                      "wall_time_s": time.time() - started, "runs": len(loop.spent), "planned": len(jobs),
@@ -271,12 +312,24 @@ class Loop:
     records: dict[Job, dict[str, Any]] = dataclasses.field(default_factory=dict)
     running: dict[Job, tuple[dict[str, Any], float]] = dataclasses.field(default_factory=dict)
     spent: list[float] = dataclasses.field(default_factory=list)
+    pending: list[Job] = dataclasses.field(default_factory=list)  # not started yet, in plan order
     launched: int = 0
     reuse: Callable[..., dict] | None = None  # evaluates a selection run as a final run (None: always train)
 
     def ready(self, job: Job) -> bool:
-        """Its selection runs (and the forgetting reference) have records."""
-        return all(d in self.records for d in dependencies(self.suite, job, self.jobs))
+        """Its selection runs (and the forgetting reference) have records, and no rate is to be added."""
+        if not all(d in self.records for d in dependencies(self.suite, job, self.jobs)):
+            return False
+        if job.phase != "final" or not self.suite.lr_extend or self.dry_run:
+            return True
+        _, _, step = grid_walk(self.suite, job, self.results_dir)
+        if step is None:
+            return True
+        added = Job(job.method, job.task, self.suite.seeds[0], "select", lr=step)
+        if added not in self.jobs:  # the cell's final runs now wait for it too (see dependencies)
+            self.jobs.insert(self.jobs.index(job), added)
+            self.pending.insert(self.pending.index(job), added)
+        return False
 
     def settle(self, job: Job, record: dict[str, Any]) -> None:
         self.records[job] = record

@@ -15,6 +15,9 @@ A suite file (bench/suites/<name>.yaml) says what to compare and how:
                     targets, total_steps, ...); a method without the field ignores it
     overrides:      {method: run-config overrides}, e.g. {vera: {method: {r: 256}}}
     lr:             {default: [grid], <method>: [grid]}: the learning-rate grid per method
+    lr_extend:      0: when the best rate of a grid is its largest (or smallest), up to this
+                    many rates are added past that end, one at a time, a step of the grid's
+                    ratio at that end, until the best rate is inside (default 0)
     select:         {metric: validation.accuracy, mode: max}: how the grid is decided
     peer:           true | false | [methods]: also train the method through `peft`
     forgetting:     {examples: 256, max_length: 64}: loss change on held-out movie-dialog
@@ -47,7 +50,7 @@ from ..errors import PeftlabError
 
 BASELINES = ("head-only", "full")
 SUITE_KEYS = ("name", "description", "run", "tasks", "seeds", "methods", "baselines", "exclude", "method_fields",
-              "overrides", "lr", "select", "peer", "forgetting", "workers", "threads")
+              "overrides", "lr", "lr_extend", "select", "peer", "forgetting", "workers", "threads")
 TEMPLATES = ("steps", "lr")  # "{steps}", "{lr}" in a suite: the run's train.steps and learning rate
 FORGETTING_DEFAULTS = {"examples": 256, "max_length": 64, "batch_size": 32, "seed": 0}
 
@@ -70,10 +73,11 @@ class Suite:
     peer: Any  # bool or a list of names
     forgetting: dict[str, Any] | None
     workers: int = 1  # runs at once, each in its own process
+    lr_extend: int = 0  # rates a grid may grow by past the end its best rate sits at
     threads: int | None = None  # torch threads per run (None: torch's default, all cores)
 
     def grid(self, method: str) -> list[float]:
-        return list(self.lr.get(method, self.lr["default"]))
+        return sorted(self.lr.get(method, self.lr["default"]))
 
     def method_names(self, registered: list[str]) -> list[str]:
         """The methods this suite compares: baselines first, then the registered ones."""
@@ -231,6 +235,9 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
         if extra:
             _fail(name, f"forgetting allows {', '.join(FORGETTING_DEFAULTS)}; unknown: {extra}")
 
+    lr_extend = data.get("lr_extend", 0)
+    if not isinstance(lr_extend, int) or isinstance(lr_extend, bool) or lr_extend < 0:
+        _fail(name, f"lr_extend must be an integer >= 0 (rates a grid may grow by), got {lr_extend!r}")
     workers, threads = data.get("workers", 1), data.get("threads")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         _fail(name, f"workers must be a positive integer (runs at once), got {workers!r}")
@@ -243,7 +250,8 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
     return Suite(name=name, path=path, description=str(data.get("description", "")).strip(), run=run,
                  tasks=tasks, seeds=list(seeds), methods=methods, baselines=baselines, exclude=exclude,
                  method_fields=_mapping(name, "method_fields", data.get("method_fields")), overrides=overrides,
-                 lr=lr, select=select, peer=peer, forgetting=forgetting, workers=workers, threads=threads)
+                 lr=lr, select=select, peer=peer, forgetting=forgetting, workers=workers, threads=threads,
+                 lr_extend=lr_extend)
 
 
 # ---- the plan ----------------------------------------------------------------------------------

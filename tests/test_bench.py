@@ -226,6 +226,14 @@ def test_a_grid_grows_past_the_end_its_best_rate_sits_at(tmp_path):
     again = FakeTraining()
     run(s, tmp_path, again)
     assert again.calls == []  # the added rates are remembered through their records
+    narrow = make_suite(methods=["lora"], baselines=[], peer=False, seeds=[0], lr_extend=1)
+    scores = {1e-4: 0.6, 1e-3: 0.7, 1e-2: 0.8, 1e-1: 0.75}
+    run(narrow, tmp_path / "narrow", FakeTraining(validation=scores))
+    wider = FakeTraining(validation=scores)  # the same suite allowing 3 added rates: 0.1 is tried, 0.01 stays
+    run(s, tmp_path / "narrow", wider)
+    assert [j.name for j in wider.calls] == ["lora--movie-sentiment--s0--lr0.1--select"]
+    final = json.loads((tmp_path / "narrow" / "results" / "lora--movie-sentiment--s0.json").read_text())
+    assert final["lr"] == 0.01 and final["selection"]["scores"]["0.1"] == 0.75  # the evidence is updated
 
     down = make_suite(methods=["lora"], baselines=[], peer=False, seeds=[0], lr_extend=1)
     fake = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6, 1e-5: 0.9, 1e-6: 0.95})

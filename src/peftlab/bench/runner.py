@@ -353,6 +353,10 @@ class Loop:
         existing = read_record(record_path(self.results_dir, job))
         if finished(existing, digest):
             self.echo(f"{head}, {job.name}: done before, skipped")
+            if selection and existing.get("selection") != selection:  # a rate added since, not chosen
+                existing = {**existing, "selection": selection}
+                if not self.dry_run:
+                    write_record(record_path(self.results_dir, job), existing)
             self.records[job] = existing
         elif self.dry_run:
             self.echo(f"{head}, {job.name}: would run" + (" (config changed)" if existing else ""))

@@ -396,6 +396,11 @@ def test_the_report_tables_are_embedded_between_markers(tmp_path):
     assert text.endswith("<!-- /bench:t -->\nafter\n") and text.count("### movie-sentiment") == 1
     assert "| **head-only** | 0.805 ± 0.007 |" in text and "Learning rates" not in text
     assert "(results/score_vs_trainable_parameters.png)" in text  # links relative to the page
+    (tmp_path / "docs").mkdir()
+    elsewhere = tmp_path / "docs" / "page.md"  # a page beside, not above, the results
+    elsewhere.write_text("<!-- bench:t -->\n<!-- /bench:t -->\n")
+    report.embed(elsewhere, s, path)
+    assert "(../results/score_vs_trainable_parameters.png)" in elsewhere.read_text()
     page.write_text("no markers\n")
     with pytest.raises(PeftlabError, match="needs the marker lines <!-- bench:t -->"):
         report.embed(page, s, path)

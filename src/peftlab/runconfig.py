@@ -360,18 +360,47 @@ def _check_method(run: RunConfig) -> None:
     if run.method["name"] in adaptation.BASELINES:  # head-only, full: not adapter methods, no fields
         adaptation.check_baseline_fields(run.method)
         return
-    fields = {k: v for k, v in run.method.items() if k != "name"}
-    # Fields the recipe fills from the run (the step count needs the data): stand-ins for the check.
-    stand_ins = {"total_steps": run.train.steps or 10 ** 9, "lr": run.optimizer.get("lr", 1e-3)}
     try:
-        for name in registry.method_class(run.method["name"]).run_fields:
-            if fields.get(name) is None:
-                fields[name] = stand_ins[name]
+        # The recipe fills run fields from the data (the step count); a stand-in serves the check.
+        fields = with_run_fields(run.method, run_field_values(run, train_examples=None))
+        fields.pop("name")
         registry.config(run.method["name"], **fields)
     except PeftlabError as err:
         raise PeftlabError(f"config key method: {err}") from None
     except TypeError as err:  # a field of the wrong type that the method's own checks did not catch
         raise PeftlabError(f"config key method: {err}; see the method's fields with `peftlab methods`") from None
+
+
+def run_field_values(run: RunConfig, train_examples: int | None) -> dict[str, Any]:
+    """What methods' `run_fields` take from the run: its optimizer steps and learning rate.
+
+    Steps: train.steps, else the Trainer's count for train.epochs over `train_examples`
+    (None, before the data is read: a stand-in of 10**9 for checking the config).
+    """
+    import math
+    import os
+
+    steps = run.train.steps
+    if steps is None:
+        if train_examples is None:
+            steps = 10 ** 9
+        else:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            batches = math.ceil(train_examples / (run.train.batch_size * world))  # per process and epoch
+            steps = math.ceil(run.train.epochs * max(math.ceil(batches / run.train.grad_accum), 1))
+    return {"total_steps": steps, "lr": run.optimizer.get("lr")}
+
+
+def with_run_fields(method: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The method section with `values` in the run fields it declares and leaves unset."""
+    from . import adaptation, registry
+
+    filled = dict(method)
+    if method["name"] not in adaptation.BASELINES:
+        for name in registry.method_class(method["name"]).run_fields:
+            if filled.get(name) is None:
+                filled[name] = values[name]
+    return filled
 
 
 def optimizer_class(name: str) -> type:

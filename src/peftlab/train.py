@@ -166,29 +166,13 @@ def calibration_batches(run: configuration.RunConfig, rows: list[dict], kind: st
             for b in range(count)]
 
 
-def optimizer_steps(run: configuration.RunConfig, train_examples: int) -> int:
-    """The run's optimizer steps: train.steps, else the Trainer's count for train.epochs."""
-    if run.train.steps is not None:
-        return run.train.steps
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batches = math.ceil(train_examples / (run.train.batch_size * world))  # per process and epoch
-    return math.ceil(run.train.epochs * max(math.ceil(batches / run.train.grad_accum), 1))
-
-
 def fill_run_fields(run: configuration.RunConfig, train_examples: int) -> None:
     """Give the method the run's step count and learning rate where it asks for them and the config is silent.
 
     The filled values are saved with the run (config.yaml), so a resumed run and the `peft`
     peer see the same numbers.
     """
-    from .registry import method_class
-
-    if run.method["name"] in adaptation.BASELINES:
-        return
-    values = {"total_steps": optimizer_steps(run, train_examples), "lr": run.optimizer["lr"]}
-    for name in method_class(run.method["name"]).run_fields:
-        if run.method.get(name) is None:
-            run.method[name] = values[name]
+    run.method = configuration.with_run_fields(run.method, configuration.run_field_values(run, train_examples))
 
 
 def build_model(run: configuration.RunConfig, task: data.TaskData, train_rows: list[dict],

@@ -13,6 +13,7 @@ Pareto front (no other method is both smaller and better), and against training 
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import statistics
 from collections import defaultdict
@@ -358,7 +359,7 @@ def embed(page: pathlib.Path, suite: Suite, report: pathlib.Path) -> None:
             line = "#" + line  # one level down inside the page's own section
         if keep:
             tables.append(line)
-    prefix = report.parent.resolve().relative_to(page.parent.resolve()).as_posix()
+    prefix = pathlib.Path(os.path.relpath(report.parent.resolve(), page.parent.resolve())).as_posix()
     body = "\n".join(tables).replace("](", f"]({prefix}/").strip()
     head, rest = text.split(start)
     tail = rest.split(end)[1]

@@ -413,6 +413,18 @@ def test_pareto_front():
     assert [p[2] for p in report.pareto_front([(1, 2.0, "a"), (2, 1.0, "b"), (3, 1.5, "c")], "min")] == ["a", "b"]
 
 
+def test_plot_labels_of_a_cluster_are_spread_apart_in_order():
+    heights = report.spread_labels([0.50, 0.51, 0.505, 0.9], gap=0.05)
+    ranked = sorted(heights[:3])
+    assert [heights.index(h) for h in ranked] == [0, 2, 1]  # order kept
+    assert all(b - a >= 0.05 - 1e-9 for a, b in zip(sorted(heights), sorted(heights)[1:]))
+    assert sum(heights[:3]) / 3 == pytest.approx((0.50 + 0.51 + 0.505) / 3, abs=1e-6)  # centred
+    assert heights[3] == pytest.approx(0.9)  # far away: left where it is
+    crowded = report.spread_labels([0.99] * 5, gap=0.05)  # near the top: pushed down, kept inside
+    assert max(crowded) <= 0.98 + 1e-9 and min(b - a for a, b in zip(sorted(crowded), sorted(crowded)[1:])) >= 0.05 - 1e-9
+    assert report.spread_labels([], gap=0.1) == []
+
+
 def test_bench_command_line(tmp_path, monkeypatch, capsys):
     from peftlab import bench
 

@@ -287,6 +287,59 @@ def pareto_front(points: list[tuple[float, float, str]], mode: str) -> list[tupl
     return front
 
 
+def spread_labels(positions: list[float], gap: float, low: float = 0.02, high: float = 0.98) -> list[float]:
+    """Moves label heights (axes fractions) apart until neighbours are at least `gap` apart.
+
+    Keeps their order and, where the bounds allow, their mean: a cluster of methods with the
+    same size and nearly the same score gets a readable column of labels centred on it.
+    """
+    if not positions:
+        return []
+    order = sorted(range(len(positions)), key=lambda i: positions[i])
+    ys = [positions[i] for i in order]
+    gap = min(gap, (high - low) / max(len(ys) - 1, 1))
+    for _ in range(500):
+        moved = False
+        for i in range(len(ys) - 1):
+            short = gap - (ys[i + 1] - ys[i])
+            if short > 1e-9:
+                ys[i] -= short / 2
+                ys[i + 1] += short / 2
+                moved = True
+        shift = max(low - ys[0], 0.0) + min(high - ys[-1], 0.0)
+        ys = [y + shift for y in ys]
+        if not moved:
+            break
+    placed = [0.0] * len(ys)
+    for rank, i in enumerate(order):
+        placed[i] = ys[rank]
+    return placed
+
+
+def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Names each point; labels whose points sit close together on x are spread out vertically
+    and joined to their points by a thin line."""
+    ax.autoscale_view()
+    to_axes = ax.transData + ax.transAxes.inverted()
+    fractions = [tuple(to_axes.transform((x, y))) for x, y, _ in points]
+    order = sorted(range(len(points)), key=lambda i: fractions[i][0])
+    clusters: list[list[int]] = []
+    for i in order:  # labels are ~0.12 of the axes wide: nearer points compete for the same rows
+        if clusters and fractions[i][0] - fractions[clusters[-1][-1]][0] < 0.12:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for cluster in clusters:
+        heights = spread_labels([fractions[i][1] for i in cluster], gap=0.032)
+        for i, height in zip(cluster, heights):
+            x, y, label = points[i]
+            fx, fy = fractions[i]
+            moved = abs(height - fy) > 0.01
+            ax.annotate(label, (x, y), xytext=(fx + 0.015, height), textcoords="axes fraction",
+                        fontsize=7, va="center",
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="0.55") if moved else None)
+
+
 def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> list[str]:
     """Writes the two figures; returns their file names (relative to out_dir)."""
     import matplotlib
@@ -304,13 +357,12 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
     # neighbours; with one torch thread per run it equals wall time on an idle core.
     for filename, quantity, xlabel in ((PLOT_PARAMS, "trainable", "trainable parameters (log scale)"),
                                        (PLOT_TIME, "train_cpu", "training time, CPU seconds")):
-        figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5), squeeze=False)
+        figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 6), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             points = [(v[quantity][0], v["score"][0], m) for (t, m, impl), v in table.items()
                       if t == task and impl == "peftlab" and v["score"] and v[quantity] and v[quantity][0] > 0]
             for x, y, label in points:
                 ax.scatter(x, y, s=28, color="tab:red" if label in BASELINES else "tab:blue", zorder=3)
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
             peers = [(v[quantity][0], v["score"][0]) for (t, m, impl), v in table.items()
                      if t == task and impl == "peft" and v["score"] and v[quantity] and v[quantity][0] > 0]
             if peers:
@@ -323,6 +375,7 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
             if quantity == "trainable" or (xs and max(xs) > 10 * min(xs)):
                 ax.set_xscale("log")
                 xlabel = xlabel if "log" in xlabel else f"{xlabel} (log scale)"
+            _label_points(ax, points)  # after the scales are set: labels are placed in axes fractions
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
             ax.set_title(task)

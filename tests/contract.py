@@ -9,6 +9,8 @@ A case is (config factory, host model factory, input batch factory). The checks:
   6. only adapter (and also_train) parameters receive gradients and change in a step
   7. save -> load into a fresh base model gives the same outputs
   8. the base model's own state-dict keys are unchanged; adapter keys sit under '.adapters.'
+  9. declared lora_factors multiply to the change of the original weight, and the peft format
+     then loads in `peft` with the same outputs; a method without them is refused that format
 A method joins by adding rows (in its own test file, calling `run_contract`).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pytest
 import torch
 
 import peftlab
@@ -29,6 +32,7 @@ class Case:
     make_model: Callable[[], torch.nn.Module]
     make_batch: Callable[[], dict]
     calibration: Callable[[], Any] | None = None  # for data-driven inits
+    peft_refusal: str | None = None  # why save(format="peft") must refuse this case, when it must
 
     def __str__(self) -> str:
         return self.id
@@ -123,6 +127,9 @@ def run_contract(case: Case, tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(output_of(fresh, batch), adapted_out, atol=1e-5, rtol=1e-5)
 
+    # 9. the peft format
+    _check_peft_export(case, model, batch, adapted_out, tmp_path)
+
     # 5. detach restores the base exactly
     peftlab.detach(model)
     state = model.state_dict()
@@ -132,3 +139,25 @@ def run_contract(case: Case, tmp_path) -> None:
     assert {n: p.requires_grad for n, p in model.named_parameters()} == base_flags
     with torch.no_grad():
         torch.testing.assert_close(output_of(model, batch), base_out, atol=0, rtol=0)
+
+
+def _check_peft_export(case: Case, model: torch.nn.Module, batch: dict, adapted_out: torch.Tensor, tmp_path) -> None:
+    from peft import PeftModel
+
+    adapters = list(peftlab.adapters(model, "default").values())
+    own_form = peftlab.configs(model)["default"].method in ("lora", "dora")
+    with torch.no_grad():
+        factors = [a.lora_factors() if a.additive else None for a in adapters]
+        for adapter, pair in zip(adapters, factors):
+            if pair is not None:
+                change = adapter.delta_weight() - (adapter.residual() if adapter.has_residual else 0)
+                torch.testing.assert_close(pair[1] @ pair[0], change, atol=1e-6, rtol=1e-5)
+    refusal = case.peft_refusal or (None if own_form or all(factors) else "not a low-rank product")
+    if refusal:
+        with pytest.raises(peftlab.PeftlabError, match=refusal):
+            peftlab.save(model, tmp_path / "peft", format="peft")
+        return
+    peftlab.save(model, tmp_path / "peft", format="peft")
+    loaded = PeftModel.from_pretrained(case.make_model(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(loaded, batch), adapted_out, atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ ROWS = [
     Case("lora-embedding", lambda: peftlab.LoRA(r=4, targets=["word_embeddings"]), tiny_bert, token_batch),
     Case("lora-conv2d", lambda: peftlab.LoRA(r=2, targets=["conv1", "conv2"]), tiny_cnn, image_batch),
     Case("lora-head-also-trained", lambda: peftlab.LoRA(r=2, targets=["c_attn"], also_train=["lm_head"]),
-         tiny_gpt2, token_batch),
+         tiny_gpt2, token_batch, peft_refusal="tied to transformer.wte.weight"),
 ]
 
 

@@ -364,10 +364,22 @@ def test_export_refuses_what_peft_would_compute_differently(tmp_path):
 def test_export_refuses_methods_the_peft_lora_format_cannot_hold(tmp_path):
     model = tiny_bert()
     peftlab.attach(model, peftlab.LoRA(r=2, targets=["query"]))
-    peftlab.attach(model, peftlab.config("vera", r=4, targets=["value"]), name="vera")
-    with pytest.raises(peftlab.PeftlabError, match="'vera', which the peft format cannot hold"):
+    peftlab.attach(model, peftlab.config("randlora", r=4, targets=["value"]), name="full_rank")
+    with pytest.raises(peftlab.PeftlabError, match="'randlora', whose change of .*value is not a low-rank product"):
         peftlab.save(model, tmp_path / "mixed", format="peft")
     assert not (tmp_path / "mixed").exists()  # nothing written, not even the LoRA
+
+
+def test_minilm_low_rank_methods_export_as_a_plain_lora(minilm_batch, tmp_path):
+    # SoRA's gates and VeRA's shared bases are folded into the factors: peft sees a LoRA of scale 1
+    config = peftlab.config("sora", r=4, targets=QV, overrides={"encoder.layer.0.attention.self.query": {"r": 2}})
+    expected, got, base, directory = export_round(minilm_model, config, minilm_batch, tmp_path)
+    assert_changed(expected, base)
+    torch.testing.assert_close(got, expected, **TOL)
+    document = json.loads((directory / "adapter_config.json").read_text())
+    assert (document["r"], document["lora_alpha"], document["lora_dropout"], document["use_rslora"]) == (4, 4, 0.0, False)
+    assert document["rank_pattern"] == {"^encoder\\.layer\\.0\\.attention\\.self\\.query": 2}
+    assert document["alpha_pattern"] == {"^encoder\\.layer\\.0\\.attention\\.self\\.query": 2}
 
 
 def test_export_warns_when_per_site_dropout_cannot_be_kept(tmp_path):

@@ -40,6 +40,9 @@ class Adapter(nn.Module):
     merged_weight(W) -> (out, in)  every method with a weight form: W' = f(W)
     residual() -> (out, in)        methods that move part of W0 into the adapter (PiSSA, OLoRA):
                                    while attached the host holds W0 - residual
+    lora_factors() -> (A, B)       low-rank additive methods: A (k, in), B (out, k) with B @ A the
+                                   change of the ORIGINAL weight, residual included; None for the
+                                   rest. Any method with factors can be written as a LoRA (peft format)
     """
 
     weight_form: ClassVar[bool] = True  # merge is possible
@@ -59,6 +62,9 @@ class Adapter(nn.Module):
 
     def residual(self) -> Tensor:
         raise PeftlabError(f"{type(self).__name__} moves no part of the base weight")
+
+    def lora_factors(self) -> tuple[Tensor, Tensor] | None:
+        return None
 
 
 @dataclass

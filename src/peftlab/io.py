@@ -48,6 +48,14 @@ peft format: save(model, dir, format="peft") = export_peft; load detects it = im
     with alpha set so that peft's scale (alpha / 2r; rsLoRA: alpha / sqrt(2r)) is still s.
     The loaded result computes the same function; the SVD/QR structure is not kept.
 
+    Every other method whose change of a weight is a low-rank product (its adapters return
+    lora_factors(): VeRA, AdaLoRA, SoRA, LoRA-SB, NOLA, SVFit, EVA, ...) is written as a plain
+    LoRA with those factors and scale 1 (lora_alpha = r, per site through the patterns) and no
+    dropout: peft, and whatever serves peft LoRA files, computes the same outputs, and
+    training there continues as LoRA. The method's own structure (shared bases, gates,
+    frozen factors) is not kept. DoRA-like rescalings, sparse parts (DSEE) and full-rank
+    changes (RandLoRA) are refused: merge those into the model instead.
+
     Import maps r, lora_alpha, use_rslora, use_dora, lora_dropout, rank_pattern,
     alpha_pattern, modules_to_save, fan_in_fan_out and init_lora_weights. The adapted sites
     are read from the tensor names: they are what target_modules, exclude_modules,
@@ -203,14 +211,15 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = FORMAT,
     """Write the attached adapters (all, or those named) and their also_train parameters.
 
     format="peftlab" keeps everything (any method, several adapters, the active set);
-    format="peft" writes files `peft.PeftModel.from_pretrained` loads (LoRA and DoRA).
+    format="peft" writes files `peft.PeftModel.from_pretrained` loads (LoRA, DoRA and every
+    method whose change is low-rank, written as a LoRA).
     Returns the directory.
     """
     if format == "peft":
         return export_peft(model, directory, name)
     if format != FORMAT:
         raise PeftlabError(f"unknown format {format!r}: use 'peftlab' (every method, exact round trip) "
-                           "or 'peft' (LoRA and DoRA, for the peft library)")
+                           "or 'peft' (LoRA, DoRA and the other low-rank methods, for the peft library)")
     state = core._state(model)
     names = core._names(state, name)
     params = dict(model.named_parameters())
@@ -271,14 +280,15 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
 def export_peft(model: nn.Module, directory: str | os.PathLike,
                 name: str | Iterable[str] | None = None) -> Path:
-    """Write LoRA/DoRA adapters as peft's save_pretrained would; returns the directory.
+    """Write adapters as peft's save_pretrained would write a LoRA (or DoRA); returns the directory.
 
     "default" goes to `directory`, any other name to `directory/<name>` (peft's layout).
     Every adapter is checked before anything is written.
     """
     state = core._state(model)
     names = core._names(state, name)
-    documents = {n: _peft_document(model, state, n) for n in names}
+    with torch.no_grad():
+        documents = {n: _peft_document(model, state, n) for n in names}
     directory = _make_directory(directory)
     for n, (document, tensors) in documents.items():
         target = directory if n == "default" else _make_directory(directory / n)
@@ -453,7 +463,7 @@ def _peftlab_plan(directory: Path, name: str, entry: Any, tensors: dict[str, Ten
 
 # ---- the peft format: export ---------------------------------------------------------------
 
-# Methods the peft format holds: registry name -> peft's use_dora. Both have r, alpha, rslora, dropout.
+# LoRA and DoRA are written as themselves: peft's use_dora, and their r, alpha, rslora and dropout.
 _PEFT_USE_DORA = {"lora": False, "dora": True}
 
 
@@ -461,24 +471,22 @@ def _peft_document(model: nn.Module, state: core.State, name: str) -> tuple[dict
     """The adapter_config.json content and the tensors of one adapter in peft's layout."""
     group = state.groups[name]
     config = group.config
-    if config.method not in _PEFT_USE_DORA:
-        raise PeftlabError(f"adapter {name!r} is {config.method!r}, which the peft format cannot hold (it holds "
-                           f"{sorted(_PEFT_USE_DORA)}): save it with format='peftlab'")
-    use_dora = _PEFT_USE_DORA[config.method]
+    own_form = config.method in _PEFT_USE_DORA
+    if not own_form:
+        _check_low_rank(name, config.method, group.sites)
+    use_dora = _PEFT_USE_DORA.get(config.method, False)
     tensors: dict[str, Tensor] = {}
     rank_alpha: dict[str, tuple[int, float]] = {}
     for site, adapter in group.sites.items():
         host = model.get_submodule(site)
-        site_config = config.at_site(overrides_for(site, host, config.overrides))
-        A, B = _factors_on_original_base(adapter)
+        if own_form:
+            A, B, rank_alpha[site] = _lora_site(site, host, config, adapter)
+        else:  # any low-rank change B @ A, written as a LoRA of scale 1 (alpha = r)
+            A, B = (t.detach() for t in adapter.lora_factors())
+            rank_alpha[site] = (A.shape[0], A.shape[0])
         tensors.update(_peft_site_tensors(site, adapter.kind.name, host, A, B))
         if use_dora:
             tensors[f"{PEFT_PREFIX}{site}.lora_magnitude_vector"] = adapter.m
-        rank_alpha[site] = (A.shape[0], _peft_alpha(site_config, A.shape[0], config.rslora))
-        if site_config.dropout != config.dropout:
-            warnings.warn(f"{site}: dropout {site_config.dropout} differs from the adapter's {config.dropout}; the "
-                          "peft format has one dropout for all layers, so the export uses "
-                          f"{config.dropout} (outputs in eval mode are unaffected)", stacklevel=3)
     # The commonest (rank, alpha) is the default; the other sites become pattern entries.
     r, alpha = Counter(rank_alpha.values()).most_common(1)[0][0]
     by_length = sorted(rank_alpha, key=len, reverse=True)
@@ -495,8 +503,8 @@ def _peft_document(model: nn.Module, state: core.State, name: str) -> tuple[dict
         "inference_mode": True,
         "r": r,
         "lora_alpha": _number(alpha),
-        "lora_dropout": config.dropout,
-        "use_rslora": config.rslora,
+        "lora_dropout": config.dropout if own_form else 0.0,  # other methods' dropout is not LoRA's
+        "use_rslora": config.rslora if own_form else False,
         "use_dora": use_dora,
         "init_lora_weights": True,  # the weights are in the file; peft's init is overwritten on load
         "target_modules": _peft_targets(model, list(group.sites)),
@@ -511,6 +519,27 @@ def _peft_document(model: nn.Module, state: core.State, name: str) -> tuple[dict
         "layers_pattern": None,
     }
     return document, tensors
+
+
+def _check_low_rank(name: str, method: str, sites: dict[str, core.Adapter]) -> None:
+    for site, adapter in sites.items():
+        if not adapter.additive or adapter.lora_factors() is None:
+            raise PeftlabError(
+                f"adapter {name!r} is {method!r}, whose change of {site} is not a low-rank product B @ A, so the "
+                "peft LoRA format cannot hold it (it holds LoRA, DoRA and every method whose change is low-rank): "
+                "save it with format='peftlab', or merge it into the model (peftlab merge)")
+
+
+def _lora_site(site: str, host: nn.Module, config: MethodConfig, adapter: core.Adapter
+               ) -> tuple[Tensor, Tensor, tuple[int, float]]:
+    """A LoRA or DoRA site as peft writes it: (A, B, (r, alpha)) with peft's scale = peftlab's."""
+    site_config = config.at_site(overrides_for(site, host, config.overrides))
+    A, B = _factors_on_original_base(adapter)
+    if site_config.dropout != config.dropout:
+        warnings.warn(f"{site}: dropout {site_config.dropout} differs from the adapter's {config.dropout}; the "
+                      "peft format has one dropout for all layers, so the export uses "
+                      f"{config.dropout} (outputs in eval mode are unaffected)", stacklevel=4)
+    return A, B, (A.shape[0], _peft_alpha(site_config, A.shape[0], config.rslora))
 
 
 def _factors_on_original_base(adapter: core.Adapter) -> tuple[Tensor, Tensor]:

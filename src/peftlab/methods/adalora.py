@@ -69,6 +69,9 @@ class AdaLoRAAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return self.scale * (self.P @ (self.Q * self.lam[:, None]))  # (out, in)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        return self.Q * self.lam[:, None], self.scale * self.P  # pruned triplets give zero rows
+
     def orthogonality(self) -> list[Tensor]:
         """||P^T P - I||_F and ||Q Q^T - I||_F."""
         eye = torch.eye(self.lam.shape[0], dtype=self.P.dtype, device=self.P.device)

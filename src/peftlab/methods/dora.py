@@ -135,6 +135,9 @@ class DoRAAdapter(LoRAAdapter):
         adapted = self.kind.add_out(host, base(x), h * self.scale, self.B)  # W0 x + b + s B A x  (..., out)
         return ScaleChannels.apply(adapted, g, host.bias)  # g * (W0 x + s B A x) + b
 
+    def lora_factors(self) -> None:
+        return None  # the rescaling by m / ||W0 + s B A|| is not a low-rank change
+
     def merged_weight(self, weight: Tensor) -> Tensor:
         V = weight + self.delta_weight().to(weight.dtype)  # (out, in)
         return V * (self.m / _nonzero(row_norm(V))).unsqueeze(1)

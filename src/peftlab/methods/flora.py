@@ -90,6 +90,14 @@ class FLoRAAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return self.delta_tensor().flatten(1)  # (out, in * kh * kw), the host's matrix view
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        # ΔW = s U_out @ M with M (r_out, in * kh * kw): every mode but the output one, contracted
+        if not self.kernel:
+            return self.core @ self.factor_in.T, self.scale * self.factor_out
+        U_h, U_w = self.factor_kernel
+        return torch.einsum("abcd,ib,hc,wd->aihw", self.core, self.factor_in, U_h, U_w).flatten(1), \
+            self.scale * self.factor_out
+
 
 @register("flora")
 @dataclass

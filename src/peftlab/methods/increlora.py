@@ -110,6 +110,9 @@ class IncreLoRAAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return self.scale() * (self.B * self.gates()) @ self.A  # (out, in)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        return self.A, self.scale() * (self.B * self.gates())
+
     def _record_sensitivity(self, x: Tensor, grad_out: Tensor) -> None:
         # y = x dW^T, so dL/d(dW) = grad_out^T x: (out, N) @ (N, in)
         grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])

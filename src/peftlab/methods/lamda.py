@@ -70,6 +70,9 @@ class LaMDAAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return self.scale * (self.effective_B() @ self.Sigma @ self.A)  # (out, in)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        return self.Sigma @ self.A, self.scale * self.effective_B()
+
     @torch.no_grad()
     def freeze_columns(self, count: int) -> None:
         """Freeze the first `count` columns of B (never unfreezes)."""

@@ -88,6 +88,10 @@ class LoLDUAdapter(Adapter):
     def residual(self) -> Tensor:
         return self.scale0 * (self.PL * self.z0) @ self.U
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        # relative to W0 only the diagonal moved: (PL * (s z - s0 z0)) @ U, rank r
+        return self.U, self.PL * (self.current_scale() * self.z - self.scale0 * self.z0)
+
 
 @register("loldu")
 @dataclass

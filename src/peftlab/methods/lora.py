@@ -61,6 +61,12 @@ class LoRAAdapter(Adapter):
     def residual(self) -> Tensor:
         return self.scale * (self.B0 @ self.A0)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        if not self.has_residual:
+            return self.A, self.scale * self.B
+        # relative to W0: s (B A - B0 A0) = [s B, -s B0] @ [A; A0], rank 2r
+        return torch.cat([self.A, self.A0]), self.scale * torch.cat([self.B, -self.B0], dim=1)
+
 
 def check_rank(site: Site, r: int) -> None:
     """Refuse a rank the layer cannot hold: r <= min(in, out)."""

@@ -69,6 +69,9 @@ class LoRASBAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return self.B @ self.R @ self.A  # (out, in)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        return self.R @ self.A, self.B
+
 
 def weight_gradients(model: nn.Module, sites: list[Site], calibration: Any) -> dict[str, Tensor]:
     """Sum over calibration batches of dL/dW0 at each site, as (out, in) float32 matrices.

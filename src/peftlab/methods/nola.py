@@ -124,6 +124,10 @@ class NOLAAdapter(Adapter):
         A, B = self.factors()
         return self.scale * (B @ A)  # (out, in)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        A, B = self.factors()
+        return A, self.scale * B
+
 
 @register("nola")
 @dataclass

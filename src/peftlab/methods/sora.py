@@ -62,6 +62,9 @@ class SoRAAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B * self.gate) @ self.A  # (out, in)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        return self.A, self.scale * (self.B * self.gate)  # gates at 0 give zero columns
+
     @torch.no_grad()
     def proximal_step(self, xi: float) -> None:
         """Soft-threshold the gate: the proximal operator of xi * |g|_1."""

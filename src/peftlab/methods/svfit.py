@@ -71,6 +71,9 @@ class SVFitAdapter(Adapter):
     def residual(self) -> Tensor:
         return (self.U * self.sigma0) @ self.Vh
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        return self.Vh, self.U * (self.sigma - self.sigma0)  # relative to W0 only σ moved
+
 
 @register("svfit")
 @dataclass

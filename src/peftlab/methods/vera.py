@@ -116,6 +116,9 @@ class VeRAAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return (self.lambda_b[:, None] * self.B) @ (self.lambda_d[:, None] * self.A)  # (out, in)
 
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        return self.lambda_d[:, None] * self.A, self.lambda_b[:, None] * self.B
+
 
 @register("vera")
 @dataclass

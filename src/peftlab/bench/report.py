@@ -363,6 +363,12 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
                       if t == task and impl == "peftlab" and v["score"] and v[quantity] and v[quantity][0] > 0]
             for x, y, label in points:
                 ax.scatter(x, y, s=28, color="tab:red" if label in BASELINES else "tab:blue", zorder=3)
+            spread = [(v[quantity][0], v["score"][0], v["score"][1]) for (t, m, impl), v in table.items()
+                      if t == task and impl == "peftlab" and v["score"] and v["score"][1] and v[quantity]
+                      and v[quantity][0] > 0]
+            if spread:  # +- one standard deviation over the seeds
+                xs, ys, errors = zip(*spread)
+                ax.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="0.6", elinewidth=0.8, capsize=2, zorder=2)
             peers = [(v[quantity][0], v["score"][0]) for (t, m, impl), v in table.items()
                      if t == task and impl == "peft" and v["score"] and v[quantity] and v[quantity][0] > 0]
             if peers:
@@ -383,7 +389,8 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="best")
         finished = sorted({seed for v in table.values() for seed in v["seeds"]})
-        figure.suptitle(f"bench {suite.name}: mean over seeds {', '.join(map(str, finished))}")
+        figure.suptitle(f"bench {suite.name}: mean over seeds {', '.join(map(str, finished))}"
+                        + (" (bars: +- 1 std)" if len(finished) > 1 else ""))
         figure.tight_layout()
         figure.savefig(out_dir / filename, dpi=110)
         plt.close(figure)

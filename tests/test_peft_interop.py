@@ -1,7 +1,8 @@
 """The `peft` adapter format, both ways: peftlab -> peft (export) and peft -> peftlab (import).
 
 Each case trains nothing but moves every adapter parameter (B included) off its initial
-value, so the adapter changes the output; outputs must then agree within 1e-5 (fp32):
+value, so the adapter changes the output; outputs must then agree within
+1e-5 + 1e-4 * |value| (fp32):
   * export: peftlab adapter -> save(format="peft") -> peft.PeftModel.from_pretrained(fresh base)
   * import: peft adapter -> save_pretrained -> peftlab.load(fresh base)
 on the real MiniLM-L6 for LoRA, rsLoRA, PiSSA, OLoRA and DoRA, and on tiny random models for
@@ -18,7 +19,9 @@ from torch import nn
 import peftlab
 from conftest import image_batch, load_minilm, output_of, tiny_bert, tiny_cnn, tiny_gpt2, token_batch
 
-TOL = dict(atol=1e-5, rtol=0)  # fp32
+# fp32 through 6 layers: GEMM reduction order varies with the threads a busy machine grants,
+# which moves hidden states of size ~1 by up to ~3e-5; a wrong scale or factor moves them by 1e-2
+TOL = dict(atol=1e-5, rtol=1e-4)
 QV = ["query", "value"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # peft's notices about fan_in_fan_out etc.

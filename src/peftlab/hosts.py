@@ -16,7 +16,8 @@ four layer types, and a new method gets conv and embedding support for free:
     write(host, M)          writes an (out, in) matrix back into the layer's own layout
     apply_in(host, x, A)    the layer's own operation with an (r, in) weight: x -> (..., r) or (N, r, H, W)
     apply_out(host, h, B)   a pointwise (out, r) map over the channel dimension of h
-    add_out(host, y, h, B)  y + apply_out(host, h, B), fused into one GEMM where the layout allows
+    add_out(host, y, h, B)  y + apply_out(host, h, B), fused into one GEMM where the layout allows;
+                            y must be base(x)'s fresh output (it may be added to in place)
     forward_with(host, x, M) the layer's forward with weight matrix M (and the layer's bias)
 """
 from __future__ import annotations
@@ -55,9 +56,11 @@ def _linear_out(host, h, B):
 
 def _linear_add_out(host, y, h, B):
     # y + h @ B.T as one addmm: the add rides on the GEMM instead of another pass over y (..., out).
+    # In place: y is the fresh output of base(x), used nowhere else, and no backward needs it, so
+    # this saves allocating (and on CPU, page-faulting in) a second (..., out) buffer per layer.
     rows = y.shape[:-1].numel()  # explicit: a rank-0 h makes reshape(-1, 0) ambiguous
-    out = torch.addmm(y.reshape(rows, y.shape[-1]), h.reshape(rows, h.shape[-1]), B.T)
-    return out.view(y.shape)
+    out = y.reshape(rows, y.shape[-1])  # a view of y when y is contiguous, else a copy
+    return out.addmm_(h.reshape(rows, h.shape[-1]), B.T).view(y.shape)
 
 
 def _write_linear(host, M):

@@ -128,6 +128,13 @@ def test_run_config_gives_each_method_only_its_fields_and_fills_templates():
     assert config["method"]["r"] == 10 and config["method"]["alpha"] == 3e-4
     assert suites.run_config(s, Job("head-only", "movie-sentiment", 0, "final"), 1e-3, pathlib.Path("o"),
                              runner.accepted_fields("head-only"))["method"] == {"name": "head-only"}
+    # METHOD@TASK: that task only, over the method's own override
+    s = make_suite(tasks=["movie-sentiment", "sms-spam"],
+                   overrides={"lora": {"method": {"r": 2, "alpha": 4}}, "lora@sms-spam": {"method": {"r": 6}}})
+    fields = runner.accepted_fields("lora")
+    sms = suites.run_config(s, Job("lora", "sms-spam", 0, "final"), 1e-3, pathlib.Path("o"), fields)["method"]
+    movie = suites.run_config(s, Job("lora", "movie-sentiment", 0, "final"), 1e-3, pathlib.Path("o"), fields)["method"]
+    assert (sms["r"], sms["alpha"], movie["r"], movie["alpha"]) == (6, 4, 2, 4)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -139,6 +146,7 @@ def test_run_config_gives_each_method_only_its_fields_and_fills_templates():
     ({"run": {"task": "sms-spam"}}, "list tasks under `tasks`"),
     ({"select": {"metric": "accuracy"}}, "validation.accuracy"),
     ({"lr_extend": -1}, "lr_extend must be an integer >= 0"),
+    ({"overrides": {"lora@trec": {"method": {"r": 2}}}}, "'trec' is not one of the suite's tasks"),
 ])
 def test_bad_suites_name_the_key_and_the_fix(change, message):
     with pytest.raises(PeftlabError, match=message):

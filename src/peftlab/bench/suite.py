@@ -13,7 +13,8 @@ A suite file (bench/suites/<name>.yaml) says what to compare and how:
     exclude:        {method: reason} left out of `all`; the report lists them with the reason
     method_fields:  fields given to every method that has a field of that name (r, alpha,
                     targets, total_steps, ...); a method without the field ignores it
-    overrides:      {method: run-config overrides}, e.g. {vera: {method: {r: 256}}}
+    overrides:      {method: run-config overrides}, e.g. {vera: {method: {r: 256}}}; a key
+                    METHOD@TASK applies to that task only, after the method's own
     lr:             {default: [grid], <method>: [grid]}: the learning-rate grid per method
     lr_extend:      0: when the best rate of a grid is its largest (or smallest), up to this
                     many rates are added past that end, one at a time, a step of the grid's
@@ -247,6 +248,10 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
     overrides = _mapping(name, "overrides", data.get("overrides"))
     for method, values in overrides.items():
         _mapping(name, f"overrides.{method}", values)
+        task = method.partition("@")[2]
+        if "@" in method and task not in tasks:
+            _fail(name, f"overrides.{method}: {task!r} is not one of the suite's tasks {list(tasks)}; "
+                        "write METHOD@TASK with a task listed under `tasks`")
     return Suite(name=name, path=path, description=str(data.get("description", "")).strip(), run=run,
                  tasks=tasks, seeds=list(seeds), methods=methods, baselines=baselines, exclude=exclude,
                  method_fields=_mapping(name, "method_fields", data.get("method_fields")), overrides=overrides,
@@ -349,6 +354,7 @@ def run_config(suite: Suite, job: Job, lr: float, output: pathlib.Path,
     config["task"] = job.task
     config["method"] = method_section(suite, job.method, accepted_fields)
     config = deep_merge(config, suite.overrides.get(job.method, {}))
+    config = deep_merge(config, suite.overrides.get(f"{job.method}@{job.task}", {}))  # one task's, last
     config.setdefault("optimizer", {})
     config["optimizer"] = {**config["optimizer"], "lr": lr}
     config["seed"] = job.seed

@@ -472,8 +472,7 @@ def _peft_document(model: nn.Module, state: core.State, name: str) -> tuple[dict
     group = state.groups[name]
     config = group.config
     own_form = config.method in _PEFT_USE_DORA
-    if not own_form:
-        _check_low_rank(name, config.method, group.sites)
+    factors = None if own_form else _low_rank_factors(name, config.method, group.sites)
     use_dora = _PEFT_USE_DORA.get(config.method, False)
     tensors: dict[str, Tensor] = {}
     rank_alpha: dict[str, tuple[int, float]] = {}
@@ -482,7 +481,7 @@ def _peft_document(model: nn.Module, state: core.State, name: str) -> tuple[dict
         if own_form:
             A, B, rank_alpha[site] = _lora_site(site, host, config, adapter)
         else:  # any low-rank change B @ A, written as a LoRA of scale 1 (alpha = r)
-            A, B = (t.detach() for t in adapter.lora_factors())
+            A, B = factors[site]
             rank_alpha[site] = (A.shape[0], A.shape[0])
         tensors.update(_peft_site_tensors(site, adapter.kind.name, host, A, B))
         if use_dora:
@@ -521,35 +520,30 @@ def _peft_document(model: nn.Module, state: core.State, name: str) -> tuple[dict
     return document, tensors
 
 
-def _check_low_rank(name: str, method: str, sites: dict[str, core.Adapter]) -> None:
+def _low_rank_factors(name: str, method: str, sites: dict[str, core.Adapter]) -> dict[str, tuple[Tensor, Tensor]]:
+    """site -> (A, B) of each adapter's lora_factors; refuses an adapter that has none."""
+    factors = {}
     for site, adapter in sites.items():
-        if not adapter.additive or adapter.lora_factors() is None:
+        pair = adapter.lora_factors() if adapter.additive else None
+        if pair is None:
             raise PeftlabError(
                 f"adapter {name!r} is {method!r}, whose change of {site} is not a low-rank product B @ A, so the "
                 "peft LoRA format cannot hold it (it holds LoRA, DoRA and every method whose change is low-rank): "
                 "save it with format='peftlab', or merge it into the model (peftlab merge)")
+        factors[site] = (pair[0].detach(), pair[1].detach())
+    return factors
 
 
 def _lora_site(site: str, host: nn.Module, config: MethodConfig, adapter: core.Adapter
                ) -> tuple[Tensor, Tensor, tuple[int, float]]:
     """A LoRA or DoRA site as peft writes it: (A, B, (r, alpha)) with peft's scale = peftlab's."""
     site_config = config.at_site(overrides_for(site, host, config.overrides))
-    A, B = _factors_on_original_base(adapter)
+    A, B = (t.detach() for t in adapter.factors_on_original_base())
     if site_config.dropout != config.dropout:
         warnings.warn(f"{site}: dropout {site_config.dropout} differs from the adapter's {config.dropout}; the "
                       "peft format has one dropout for all layers, so the export uses "
                       f"{config.dropout} (outputs in eval mode are unaffected)", stacklevel=4)
     return A, B, (A.shape[0], _peft_alpha(site_config, A.shape[0], config.rslora))
-
-
-def _factors_on_original_base(adapter: core.Adapter) -> tuple[Tensor, Tensor]:
-    """(A, B) of the LoRA that changes the ORIGINAL base weight as `adapter` does: (r', in), (out, r')."""
-    A, B = adapter.A.detach(), adapter.B.detach()
-    if not adapter.has_residual:
-        return A, B
-    # While attached the host holds W0 - s B0 A0, so relative to W0 the change is
-    # s (B A - B0 A0) = s [B, -B0] @ [A; A0]: rank 2r, same scale.
-    return torch.cat([A, adapter.A0], dim=0), torch.cat([B, -adapter.B0], dim=1)
 
 
 def _peft_site_tensors(site: str, kind: str, host: nn.Module, A: Tensor, B: Tensor) -> dict[str, Tensor]:

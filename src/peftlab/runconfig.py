@@ -27,6 +27,8 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import math
+import os
 import pathlib
 import re
 from typing import Any
@@ -377,9 +379,6 @@ def run_field_values(run: RunConfig, train_examples: int | None) -> dict[str, An
     Steps: train.steps, else the Trainer's count for train.epochs over `train_examples`
     (None, before the data is read: a stand-in of 10**9 for checking the config).
     """
-    import math
-    import os
-
     steps = run.train.steps
     if steps is None:
         if train_examples is None:

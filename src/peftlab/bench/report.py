@@ -359,13 +359,12 @@ def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> 
                                        (PLOT_TIME, "train_cpu", "training time, CPU seconds")):
         figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 6), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            points = [(v[quantity][0], v["score"][0], m) for (t, m, impl), v in table.items()
-                      if t == task and impl == "peftlab" and v["score"] and v[quantity] and v[quantity][0] > 0]
+            shown = {m: v for (t, m, impl), v in table.items()
+                     if t == task and impl == "peftlab" and v["score"] and v[quantity] and v[quantity][0] > 0}
+            points = [(v[quantity][0], v["score"][0], m) for m, v in shown.items()]
             for x, y, label in points:
                 ax.scatter(x, y, s=28, color="tab:red" if label in BASELINES else "tab:blue", zorder=3)
-            spread = [(v[quantity][0], v["score"][0], v["score"][1]) for (t, m, impl), v in table.items()
-                      if t == task and impl == "peftlab" and v["score"] and v["score"][1] and v[quantity]
-                      and v[quantity][0] > 0]
+            spread = [(v[quantity][0], *v["score"]) for v in shown.values() if v["score"][1]]
             if spread:  # +- one standard deviation over the seeds
                 xs, ys, errors = zip(*spread)
                 ax.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="0.6", elinewidth=0.8, capsize=2, zorder=2)

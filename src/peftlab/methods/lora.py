@@ -61,11 +61,16 @@ class LoRAAdapter(Adapter):
     def residual(self) -> Tensor:
         return self.scale * (self.B0 @ self.A0)
 
-    def lora_factors(self) -> tuple[Tensor, Tensor]:
+    def factors_on_original_base(self) -> tuple[Tensor, Tensor]:
+        """(A', B') with s B' A' the change of the ORIGINAL W0: (A, B), or for SVD/QR inits, whose
+        host holds W0 - s B0 A0, s (B A - B0 A0) = s [B, -B0] @ [A; A0] (rank 2r, same scale)."""
         if not self.has_residual:
-            return self.A, self.scale * self.B
-        # relative to W0: s (B A - B0 A0) = [s B, -s B0] @ [A; A0], rank 2r
-        return torch.cat([self.A, self.A0]), self.scale * torch.cat([self.B, -self.B0], dim=1)
+            return self.A, self.B
+        return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
+
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        A, B = self.factors_on_original_base()
+        return A, self.scale * B
 
 
 def check_rank(site: Site, r: int) -> None:

@@ -43,9 +43,10 @@ def make_suite(**changes) -> suites.Suite:
 class FakeTraining:
     """Stands in for a training run: scores from a table, counts its calls."""
 
-    def __init__(self, validation=None, fail=(), bonus=None):
+    def __init__(self, validation=None, fail=(), bonus=None, losses=None):
         self.calls: list[Job] = []
         self.validation = validation or {}
+        self.losses = losses or {}  # lr -> validation loss (none: the record has no loss)
         self.fail = set(fail)
         self.bonus = bonus or {}  # method -> added to its test score
 
@@ -55,7 +56,8 @@ class FakeTraining:
             raise RuntimeError("boom")
         lr = config["optimizer"]["lr"]
         if job.phase == "select":
-            return {"metrics": {"validation": {"accuracy": self.validation.get(lr, 0.5)}}}
+            loss = {"loss": self.losses[lr]} if lr in self.losses else {}
+            return {"metrics": {"validation": {"accuracy": self.validation.get(lr, 0.5), **loss}}}
         score = 0.8 + 0.01 * job.seed + (0.02 if job.implementation == "peft" else 0.0) + self.bonus.get(job.method, 0)
         return {"metrics": {"test": {"accuracy": score}}, "trainable_parameters": 1000 * (1 + len(job.method)),
                 "total_parameters": 10 ** 6, "trainable_share": 1e-3, "train_time_s": 10.0 + job.seed,
@@ -248,6 +250,30 @@ def test_a_grid_grows_past_the_end_its_best_rate_sits_at(tmp_path):
     records, _ = run(down, tmp_path / "down", fake)
     assert [j.lr for j in fake.calls if j.phase == "select"] == [1e-4, 1e-3, 1e-5]  # capped at one added rate
     assert records[-1]["lr"] == 1e-5
+
+
+def test_tied_scores_go_to_the_lower_validation_loss_and_the_grid_follows_it(tmp_path):
+    # Every rate predicts the majority class (the same accuracy); the loss falls as the rate grows,
+    # so the largest rate is best and the grid grows upwards, not towards the smallest rate.
+    s = make_suite(methods=["lora"], baselines=[], peer=False, seeds=[0], lr_extend=2)  # lora grid: 1e-4, 1e-3
+    fake = FakeTraining(validation={1e-4: 0.86, 1e-3: 0.86, 1e-2: 0.86, 1e-1: 0.95},
+                        losses={1e-4: 0.67, 1e-3: 0.48, 1e-2: 0.34, 1e-1: 0.2})
+    records, _ = run(s, tmp_path, fake)
+    assert [j.lr for j in fake.calls if j.phase == "select"] == [1e-4, 1e-3, 1e-2, 1e-1]
+    final = {r["run"]: r for r in records}["lora--movie-sentiment--s0"]
+    assert final["lr"] == 0.1 and "tie_broken_by" not in final["selection"]  # 0.1 wins outright
+    assert runner.best_rate({1e-4: (0.86, 0.67), 1e-3: (0.86, 0.48)}, "max") == 1e-3
+    assert runner.best_rate({1e-4: (0.86, 0.5), 1e-3: (0.86, 0.5)}, "max") == 1e-4  # then the smaller rate
+    assert runner.best_rate({1e-4: (0.2, 0.9), 1e-3: (0.3, 0.1)}, "min") == 1e-4  # the metric comes first
+
+    tied = FakeTraining(validation={1e-4: 0.86, 1e-3: 0.86}, losses={1e-4: 0.67, 1e-3: 0.48})
+    records, _ = run(make_suite(methods=["lora"], baselines=[], peer=False, seeds=[0]), tmp_path / "tied", tied)
+    final = {r["run"]: r for r in records}["lora--movie-sentiment--s0"]
+    assert final["lr"] == 1e-3
+    assert final["selection"]["tie_broken_by"] == {"validation.loss": {"0.0001": 0.67, "0.001": 0.48}}
+    text = report.write_report(make_suite(methods=["lora"], baselines=[], peer=False, seeds=[0]),
+                               tmp_path / "tied" / "results").read_text()
+    assert "| movie-sentiment | lora | 0.0001: 0.8600, 0.001: 0.8600 | 0.001~ |" in text
 
 
 def test_a_changed_config_or_a_failed_run_runs_again(tmp_path):

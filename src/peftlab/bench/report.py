@@ -202,7 +202,8 @@ def _peer_table(table: dict, task: str, metric: str) -> list[str]:
 def _grid_section(suite: Suite, table: dict) -> list[str]:
     lines = ["## Learning rates", "",
              f"Chosen per method and task from the grid below on `{suite.select['metric']}` "
-             f"({suite.select['mode']}), with seed {suite.seeds[0]}; the test split is used once, by each final run. "
+             f"({suite.select['mode']}), with seed {suite.seeds[0]}; ties go to the lower validation loss (marked ~ below). "
+             "The test split is used once, by each final run. "
              f"Default grid: {', '.join(f'{x:g}' for x in suite.lr['default'])}."]
     if suite.lr_extend:
         lines.append(f"Where the best rate was the grid's largest or smallest, up to {suite.lr_extend} rates were "
@@ -219,7 +220,8 @@ def _grid_section(suite: Suite, table: dict) -> list[str]:
             by_rate = sorted(selection["scores"].items(), key=lambda item: float(item[0]))
             added = {f"{lr:g}" for lr in selection.get("added", [])}
             scores = ", ".join(f"{lr}{'*' if lr in added else ''}: {s:.4f}" for lr, s in by_rate)
-            lines.append(f"| {task} | {method} | {scores} | {selection['chosen']:g} |")
+            tie = "~" if "tie_broken_by" in selection else ""
+            lines.append(f"| {task} | {method} | {scores} | {selection['chosen']:g}{tie} |")
     else:
         lines += ["", "Every grid here has one rate, so no selection runs were needed."]
     return lines + [""]

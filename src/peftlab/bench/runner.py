@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import pathlib
 import time
@@ -79,8 +80,9 @@ def metric_value(record: dict[str, Any], metric: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
-def _selection_score(suite: Suite, job: Job, lr: float, results_dir: pathlib.Path) -> tuple[bool, float | None]:
-    """(has a usable record, its validation score) of the selection run of (method, task) at `lr`."""
+def _selection_score(suite: Suite, job: Job, lr: float,
+                     results_dir: pathlib.Path) -> tuple[bool, tuple[float, float] | None]:
+    """(has a usable record, (its validation score, its validation loss)) of the selection run at `lr`."""
     probe = Job(job.method, job.task, suite.seeds[0], "select", lr=lr)
     record = read_record(record_path(results_dir, probe))
     if record is None:
@@ -89,19 +91,32 @@ def _selection_score(suite: Suite, job: Job, lr: float, results_dir: pathlib.Pat
         config, _ = job_config(suite, probe, results_dir, pathlib.Path("runs"))
         if record.get("config_hash") != suites.config_hash(config, probe):
             return False, None
-    ok = record.get("status") == "ok"
-    return True, metric_value(record, suite.select["metric"]) if ok else None
+    value = metric_value(record, suite.select["metric"]) if record.get("status") == "ok" else None
+    if value is None:
+        return True, None
+    loss = metric_value(record, "validation.loss")
+    return True, (value, math.inf if loss is None else loss)
 
 
-def grid_walk(suite: Suite, job: Job, results_dir: pathlib.Path) -> tuple[dict[float, float], list[float], float | None]:
-    """(validation score by rate, rates added past the grid, the next rate to try or None).
+def best_rate(scores: dict[float, tuple[float, float]], mode: str) -> float:
+    """The rate of the best validation score; ties go to the lower validation loss, then the smaller rate.
+
+    Accuracy on a few hundred validation examples ties often: every rate of a grid that is too
+    low predicts the majority class, and only the loss shows which one moved furthest from it.
+    """
+    sign = -1.0 if mode == "max" else 1.0
+    return min(scores, key=lambda lr: (sign * scores[lr][0], scores[lr][1], lr))
+
+
+def grid_walk(suite: Suite, job: Job,
+              results_dir: pathlib.Path) -> tuple[dict[float, tuple[float, float]], list[float], float | None]:
+    """((validation score, loss) by rate, rates added past the grid, the next rate to try or None).
 
     The suite's grid first. While the best score sits at the largest (smallest) rate tried and
     fewer than `lr_extend` rates were added, one more rate goes past that end, a step of the
     ratio between the two rates there (2e-3, 5e-3 -> 1.25e-2).
     """
     rates, added = suite.grid(job.method), []
-    pick = max if suite.select["mode"] == "max" else min
     while True:
         scores = {}
         for lr in rates:
@@ -110,7 +125,7 @@ def grid_walk(suite: Suite, job: Job, results_dir: pathlib.Path) -> tuple[dict[f
                 scores[lr] = value
         if not scores or len(rates) < 2 or len(added) >= suite.lr_extend:
             return scores, added, None
-        best = pick(scores, key=lambda lr: scores[lr])  # ties: the smallest rate
+        best = best_rate(scores, suite.select["mode"])
         if best == rates[-1]:
             step = rates[-1] * rates[-1] / rates[-2]
         elif best == rates[0]:
@@ -134,9 +149,13 @@ def select_lr(suite: Suite, job: Job, results_dir: pathlib.Path) -> tuple[float,
     if not scores:
         raise PeftlabError(f"no selection run of {job.method} on {job.task} finished with {metric}: "
                            "see their records for the error, fix it and run the bench again")
-    best = (max if mode == "max" else min)(scores, key=lambda lr: scores[lr])  # ties: the smallest rate
-    return best, {"grid": grid, "added": added, "chosen": best, "metric": metric, "mode": mode,
-                  "scores": {f"{lr:g}": v for lr, v in sorted(scores.items())}}
+    best = best_rate(scores, mode)
+    evidence = {"grid": grid, "added": added, "chosen": best, "metric": metric, "mode": mode,
+                "scores": {f"{lr:g}": v for lr, (v, _) in sorted(scores.items())}}
+    tied = {lr: loss for lr, (v, loss) in scores.items() if v == scores[best][0]}
+    if len(tied) > 1:  # the record says how the tie was broken
+        evidence["tie_broken_by"] = {"validation.loss": {f"{lr:g}": loss for lr, loss in sorted(tied.items())}}
+    return best, evidence
 
 
 # ---- progress ------------------------------------------------------------------------------------

@@ -84,6 +84,19 @@ def test_a_run_directory_holds_config_adapter_metrics_and_summary(reference):
     assert [p.name for p in checkpoint.sorted_checkpoints(run_dir / "checkpoints")] == ["checkpoint-3", "checkpoint-6"]
 
 
+def test_the_summary_names_the_source_commit(reference, tmp_path, monkeypatch):
+    _, summary = reference
+    root = pathlib.Path(train.__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("peftlab is not installed from a git checkout here")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert summary["versions"]["peftlab_commit"].removesuffix("-dirty") == head
+    # outside a checkout (an installed wheel) there is no commit, and no key
+    monkeypatch.setattr(train, "source_commit", lambda: None)
+    assert "peftlab_commit" not in train.run_versions()
+
+
 def test_the_saved_adapter_reloads_with_the_trained_head(reference, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -30,6 +30,7 @@ Run directory:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import pathlib
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from typing import Any
@@ -390,13 +392,35 @@ def training_arguments(run: configuration.RunConfig, checkpoints: pathlib.Path, 
 # ---- the recipe ------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
+def run_versions() -> dict[str, str]:
+    """The versions a run's summary records: packages, python, machine, and the source commit."""
     import transformers
 
     from . import __version__
 
-    return {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
+    found = {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
+    commit = source_commit()
+    return {**found, "peftlab_commit": commit} if commit else found
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit of the peftlab source that ran ("-dirty": its src/ had local changes), or None
+    outside a git checkout. A version number alone does not say which code produced a result."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "src"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if changes.stdout.strip() else "")
 
 
 def _peak_rss_mb() -> float:
@@ -528,7 +552,7 @@ def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool
         "train_time_s": training_time, "train_cpu_time_s": training_cpu_time,
         "steps_per_second": steps_done / training_time if training_time else None,
         "wall_time_s": time.time() - started, "peak_rss_mb": _peak_rss_mb(), "processes": state.num_processes,
-        "resumed_from": str(latest) if latest else None, "versions": _versions(),
+        "resumed_from": str(latest) if latest else None, "versions": run_versions(),
     }
     if hooks.trained is not None:
         summary["extra"] = hooks.trained(model, tokenizer)

@@ -224,20 +224,17 @@ def directory_bytes(directory: pathlib.Path) -> int:
 
 
 def versions(recipe: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    import transformers
+    """The run summary's versions (`recipe`; the current ones where the job trained nothing), and peft's."""
+    from ..train import run_versions
 
-    from .. import __version__
-
-    found = {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-             "python": platform.python_version()}
+    found = {**run_versions(), **recipe}
     try:
         import peft
 
         found["peft"] = peft.__version__
     except ImportError:
         pass
-    return {**recipe, **found}
+    return found
 
 
 def machine(load_before: float) -> dict[str, Any]:

@@ -463,85 +463,33 @@ def _shared_output(run: configuration.RunConfig) -> pathlib.Path:
 def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool = False,
           echo=print, hooks: Hooks | None = None) -> dict[str, Any]:
     """Run a (validated) config; returns the summary that summary.json also holds."""
+    from safetensors.torch import load_file
     from transformers import set_seed
 
     started = time.time()
     state = process_state()
-    main = state.is_main_process
-    run_dir = _shared_output(run)
-    run.output = str(run_dir)
-    task = load_task(run)  # a bad data file fails here, before the run directory is touched
-    train_rows, val_rows, test_rows = data.split(task.rows, tuple(run.data.split), run.seed)
-    fill_run_fields(run, len(train_rows))
-    latest = check_output(run_dir, run, resume, overwrite)
-    state.wait_for_everyone()
-    if main:
-        if overwrite and not resume:
-            _clear(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(run.to_yaml(), encoding="utf-8")
-    state.wait_for_everyone()
+    hooks = hooks or Hooks()
+
+    # 1. the run directory (a bad data file fails before it is touched)
+    run_dir, task, (train_rows, val_rows, test_rows), latest = _prepare_run_dir(run, state, resume, overwrite)
 
     # 2. data, model, method
     set_seed(run.seed)
-    if main:
-        checkpoint.write_json(run_dir / "task.json", {"kind": task.kind, "label_names": task.label_names,
-                                                      "sizes": [len(train_rows), len(val_rows), len(test_rows)]})
-    from safetensors.torch import load_file
-
     adapter_state = load_file(latest / "trainable.safetensors") if latest else None
-    hooks = hooks or Hooks()
     adapted, tokenizer = make_trainable(run, task, train_rows, adapter_state, hooks)
-    model = adapted.model
-    train_set = encode(train_rows, task.kind, tokenizer, run.data.max_length)
-    val_set = encode(val_rows, task.kind, tokenizer, run.data.max_length) if val_rows else None
-    test_set = encode(test_rows, task.kind, tokenizer, run.data.max_length) if test_rows else None
+    train_set, val_set, test_set = (encode(rows, task.kind, tokenizer, run.data.max_length) if rows else None
+                                    for rows in (train_rows, val_rows, test_rows))
 
-    # 3, 4. the optimizer, the Trainer and its callbacks
-    optimizer_kwargs = {k: v for k, v in run.optimizer.items() if k not in ("name", "lr")}
-    optimizer = configuration.optimizer_class(run.optimizer["name"])(
-        adapted.param_groups(run.optimizer["lr"]), lr=run.optimizer["lr"], **optimizer_kwargs)
-    PeftlabTrainer, StepHook, MetricsFile = _transformers_trainer()
-    metrics_path = run_dir / "metrics.jsonl"
-    if main and latest is not None:
-        _truncate_metrics(metrics_path, int(latest.name.split("-")[1]))
-    callbacks = [MetricsFile(metrics_path)]
-    if adapted.after_step is not None:
-        hook = StepHook()
-        hook.after_step = adapted.after_step
-        callbacks.append(hook)
-    if main:
-        board = _tensorboard_callback(run_dir / "tensorboard")
-        if board is not None:
-            callbacks.append(board)
-    trainer = PeftlabTrainer(
-        model=model,
-        args=training_arguments(run, run_dir / "checkpoints", val_set is not None),
-        train_dataset=train_set,
-        eval_dataset=val_set,
-        data_collator=data.PadCollator(tokenizer.pad_token_id),
-        optimizers=(optimizer, None),
-        compute_loss_func=task_loss(task.kind, run.loss),
-        compute_metrics=classification_metrics if task.kind == "classification" else None,
-        callbacks=callbacks,
-    )
-    trainer.keep_checkpoints = run.train.keep_checkpoints
-    trainer.regularization = adapted.regularization
-    if task.kind == "sft":  # only the loss: gathering every token's logits would cost gigabytes
-        trainer.args.prediction_loss_only = True
-
+    # 3, 4, 5. the Trainer with peftlab's optimizer, loss, step hook and checkpoints
+    trainer = _make_trainer(run, task, adapted, tokenizer, train_set, val_set, run_dir, latest, state)
     training_started, training_cpu_started = time.time(), time.process_time()
     output = trainer.train(resume_from_checkpoint=str(latest) if latest else None)
     training_time = time.time() - training_started
     training_cpu_time = time.process_time() - training_cpu_started  # all threads: steadier than wall time when busy
 
     # 6. final metrics, the adapter and the summary
-    metrics: dict[str, Any] = {}
-    for split_name, dataset in (("validation", val_set), ("test", test_set)):
-        if dataset and split_name in hooks.splits:
-            result = trainer.evaluate(dataset, metric_key_prefix=split_name)
-            metrics[split_name] = {k[len(split_name) + 1:]: v for k, v in result.items()
-                                   if k.startswith(split_name + "_") and not k.endswith(("_runtime", "_per_second"))}
+    metrics = _final_metrics(trainer, {"validation": val_set, "test": test_set}, hooks.splits)
+    model = adapted.model
     trainable = sum(p.numel() for p in trainable_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
     steps_done = output.global_step - (int(latest.name.split("-")[1]) if latest else 0)
@@ -556,7 +504,7 @@ def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool
     }
     if hooks.trained is not None:
         summary["extra"] = hooks.trained(model, tokenizer)
-    if main:
+    if state.is_main_process:
         adapter_dir = run_dir / "adapter"
         _clear(adapter_dir)
         adapted.save(adapter_dir)
@@ -564,6 +512,78 @@ def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool
         _report(summary, task.kind, echo)
     state.wait_for_everyone()
     return summary
+
+
+def _prepare_run_dir(run: configuration.RunConfig, state, resume: bool, overwrite: bool):
+    """(run directory, task, (train, validation, test) rows, latest checkpoint or None).
+
+    The task loads and splits first, so a bad data file fails before the directory is touched;
+    then the directory is checked (another run there is refused) and gets config.yaml and task.json.
+    """
+    run_dir = _shared_output(run)
+    run.output = str(run_dir)
+    task = load_task(run)
+    rows = data.split(task.rows, tuple(run.data.split), run.seed)
+    fill_run_fields(run, len(rows[0]))
+    latest = check_output(run_dir, run, resume, overwrite)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if overwrite and not resume:
+            _clear(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(run.to_yaml(), encoding="utf-8")
+        checkpoint.write_json(run_dir / "task.json", {"kind": task.kind, "label_names": task.label_names,
+                                                      "sizes": [len(r) for r in rows]})
+    state.wait_for_everyone()
+    return run_dir, task, rows, latest
+
+
+def _make_trainer(run: configuration.RunConfig, task, adapted, tokenizer, train_set, val_set,
+                  run_dir: pathlib.Path, latest: pathlib.Path | None, state):
+    """The transformers Trainer, with the method's parameter groups, regulariser and step hook."""
+    optimizer_kwargs = {k: v for k, v in run.optimizer.items() if k not in ("name", "lr")}
+    optimizer = configuration.optimizer_class(run.optimizer["name"])(
+        adapted.param_groups(run.optimizer["lr"]), lr=run.optimizer["lr"], **optimizer_kwargs)
+    PeftlabTrainer, StepHook, MetricsFile = _transformers_trainer()
+    metrics_path = run_dir / "metrics.jsonl"
+    if state.is_main_process and latest is not None:
+        _truncate_metrics(metrics_path, int(latest.name.split("-")[1]))
+    callbacks = [MetricsFile(metrics_path)]
+    if adapted.after_step is not None:
+        hook = StepHook()
+        hook.after_step = adapted.after_step
+        callbacks.append(hook)
+    if state.is_main_process:
+        board = _tensorboard_callback(run_dir / "tensorboard")
+        if board is not None:
+            callbacks.append(board)
+    trainer = PeftlabTrainer(
+        model=adapted.model,
+        args=training_arguments(run, run_dir / "checkpoints", val_set is not None),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=data.PadCollator(tokenizer.pad_token_id),
+        optimizers=(optimizer, None),
+        compute_loss_func=task_loss(task.kind, run.loss),
+        compute_metrics=classification_metrics if task.kind == "classification" else None,
+        callbacks=callbacks,
+    )
+    trainer.keep_checkpoints = run.train.keep_checkpoints
+    trainer.regularization = adapted.regularization
+    if task.kind == "sft":  # only the loss: gathering every token's logits would cost gigabytes
+        trainer.args.prediction_loss_only = True
+    return trainer
+
+
+def _final_metrics(trainer, datasets: dict[str, Any], splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """{split: {metric: value}} for the splits asked for that have data."""
+    metrics: dict[str, Any] = {}
+    for split_name, dataset in datasets.items():
+        if dataset and split_name in splits:
+            result = trainer.evaluate(dataset, metric_key_prefix=split_name)
+            metrics[split_name] = {k[len(split_name) + 1:]: v for k, v in result.items()
+                                   if k.startswith(split_name + "_") and not k.endswith(("_runtime", "_per_second"))}
+    return metrics
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:

@@ -185,19 +185,10 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
     if "task" in run or "seed" in run or "output" in run:
         _fail(name, "run sets task, seed or output, which the bench chooses: list tasks under `tasks` "
                     "and seeds under `seeds`")
-
-    tasks = data.get("tasks")
-    if isinstance(tasks, list) and all(isinstance(t, str) for t in tasks):
-        tasks = {t: {} for t in tasks}
-    if not isinstance(tasks, dict) or not tasks:
-        _fail(name, f"tasks must be a non-empty list of task names (or task -> overrides), got {tasks!r}")
-    tasks = {t: _mapping(name, f"tasks.{t}", o) for t, o in tasks.items()}
-
+    tasks = _tasks(name, data.get("tasks"))
     seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                          for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
         _fail(name, f"seeds must be a non-empty list of integers, e.g. [0, 1, 2]; got {seeds!r}")
-
     methods = data.get("methods", "all")
     if methods != "all":
         methods = _names(name, "methods", methods)
@@ -205,58 +196,79 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
     wrong = [b for b in baselines if b not in BASELINES]
     if wrong:
         _fail(name, f"baselines {wrong} are unknown; allowed: {', '.join(BASELINES)}")
-
     exclude = data.get("exclude") or {}
     if isinstance(exclude, list):
         exclude = {m: "" for m in exclude}
     exclude = {str(k): str(v or "") for k, v in _mapping(name, "exclude", exclude).items()}
-
-    lr = _mapping(name, "lr", data.get("lr"))
-    if "default" not in lr:
-        _fail(name, "lr needs a `default` grid, e.g. lr: {default: [1.0e-4, 5.0e-4]}")
-    for key, grid in lr.items():
-        if not isinstance(grid, list) or not grid or not all(isinstance(x, (int, float)) and x > 0 for x in grid):
-            _fail(name, f"lr.{key} must be a non-empty list of positive learning rates, got {grid!r}")
-    lr = {k: [float(x) for x in v] for k, v in lr.items()}
-
-    select = {"metric": "validation.accuracy", "mode": "max", **_mapping(name, "select", data.get("select"))}
-    if select["mode"] not in ("max", "min") or set(select) - {"metric", "mode"}:
-        _fail(name, f"select must be {{metric: <split>.<metric>, mode: max|min}}, got {select!r}")
-    if not isinstance(select["metric"], str) or "." not in select["metric"]:
-        _fail(name, f"select.metric must look like validation.accuracy or validation.loss, got {select['metric']!r}")
-
     peer = data.get("peer", False)
     if not isinstance(peer, bool):
         peer = _names(name, "peer", peer)
-
     forgetting = data.get("forgetting")
     if forgetting is not None:
         forgetting = {**FORGETTING_DEFAULTS, **_mapping(name, "forgetting", forgetting)}
         extra = sorted(set(forgetting) - set(FORGETTING_DEFAULTS))
         if extra:
             _fail(name, f"forgetting allows {', '.join(FORGETTING_DEFAULTS)}; unknown: {extra}")
-
     lr_extend = data.get("lr_extend", 0)
-    if not isinstance(lr_extend, int) or isinstance(lr_extend, bool) or lr_extend < 0:
+    if not _is_int(lr_extend) or lr_extend < 0:
         _fail(name, f"lr_extend must be an integer >= 0 (rates a grid may grow by), got {lr_extend!r}")
     workers, threads = data.get("workers", 1), data.get("threads")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+    if not _is_int(workers) or workers < 1:
         _fail(name, f"workers must be a positive integer (runs at once), got {workers!r}")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+    if threads is not None and (not _is_int(threads) or threads < 1):
         _fail(name, f"threads must be a positive integer (torch threads per run) or null, got {threads!r}")
-
-    overrides = _mapping(name, "overrides", data.get("overrides"))
-    for method, values in overrides.items():
-        _mapping(name, f"overrides.{method}", values)
-        task = method.partition("@")[2]
-        if "@" in method and task not in tasks:
-            _fail(name, f"overrides.{method}: {task!r} is not one of the suite's tasks {list(tasks)}; "
-                        "write METHOD@TASK with a task listed under `tasks`")
     return Suite(name=name, path=path, description=str(data.get("description", "")).strip(), run=run,
                  tasks=tasks, seeds=list(seeds), methods=methods, baselines=baselines, exclude=exclude,
-                 method_fields=_mapping(name, "method_fields", data.get("method_fields")), overrides=overrides,
-                 lr=lr, select=select, peer=peer, forgetting=forgetting, workers=workers, threads=threads,
-                 lr_extend=lr_extend)
+                 method_fields=_mapping(name, "method_fields", data.get("method_fields")),
+                 overrides=_overrides(name, data.get("overrides"), tasks), lr=_lr_grids(name, data.get("lr")),
+                 select=_select(name, data.get("select")), peer=peer, forgetting=forgetting, workers=workers,
+                 threads=threads, lr_extend=lr_extend)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tasks(suite: str, tasks: Any) -> dict[str, dict]:
+    """`tasks`: a list of task names, or task -> run overrides."""
+    if isinstance(tasks, list) and all(isinstance(t, str) for t in tasks):
+        tasks = {t: {} for t in tasks}
+    if not isinstance(tasks, dict) or not tasks:
+        _fail(suite, f"tasks must be a non-empty list of task names (or task -> overrides), got {tasks!r}")
+    return {t: _mapping(suite, f"tasks.{t}", o) for t, o in tasks.items()}
+
+
+def _lr_grids(suite: str, value: Any) -> dict[str, list[float]]:
+    """`lr`: method (or `default`) -> a grid of positive rates."""
+    lr = _mapping(suite, "lr", value)
+    if "default" not in lr:
+        _fail(suite, "lr needs a `default` grid, e.g. lr: {default: [1.0e-4, 5.0e-4]}")
+    for key, grid in lr.items():
+        if not isinstance(grid, list) or not grid or not all(isinstance(x, (int, float)) and x > 0 for x in grid):
+            _fail(suite, f"lr.{key} must be a non-empty list of positive learning rates, got {grid!r}")
+    return {k: [float(x) for x in v] for k, v in lr.items()}
+
+
+def _select(suite: str, value: Any) -> dict[str, str]:
+    """`select`: the validation metric the rate is chosen on, and whether higher or lower wins."""
+    select = {"metric": "validation.accuracy", "mode": "max", **_mapping(suite, "select", value)}
+    if select["mode"] not in ("max", "min") or set(select) - {"metric", "mode"}:
+        _fail(suite, f"select must be {{metric: <split>.<metric>, mode: max|min}}, got {select!r}")
+    if not isinstance(select["metric"], str) or "." not in select["metric"]:
+        _fail(suite, f"select.metric must look like validation.accuracy or validation.loss, got {select['metric']!r}")
+    return select
+
+
+def _overrides(suite: str, value: Any, tasks: dict[str, dict]) -> dict[str, dict]:
+    """`overrides`: METHOD or METHOD@TASK -> config sections merged into that method's runs."""
+    overrides = _mapping(suite, "overrides", value)
+    for method, values in overrides.items():
+        _mapping(suite, f"overrides.{method}", values)
+        task = method.partition("@")[2]
+        if "@" in method and task not in tasks:
+            _fail(suite, f"overrides.{method}: {task!r} is not one of the suite's tasks {list(tasks)}; "
+                         "write METHOD@TASK with a task listed under `tasks`")
+    return overrides
 
 
 # ---- the plan ----------------------------------------------------------------------------------

@@ -248,7 +248,14 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
         raise PeftlabError(f"an adapter named {name!r} is attached already: pick another name or detach it")
     if not name or "." in name:
         raise PeftlabError(f"adapter name {name!r} must be non-empty and contain no '.'")
+    sites, built, also = _build(model, config, name, calibration, state_dict)
+    _install(model, config, name, sites, built, also)
+    return model
 
+
+def _build(model: nn.Module, config: MethodConfig, name: str, calibration: Any,
+           state_dict: dict[str, Tensor] | None) -> tuple[list[Site], dict[str, Adapter], dict[str, nn.Parameter]]:
+    """(sites, adapter by site name, also-trained parameters), checked, with the model untouched."""
     sites = _sites(model, config)
     per_site = {s.name: config.at_site(overrides_for(s.name, s.host, config.overrides)) for s in sites}
     for s in sites:
@@ -268,8 +275,15 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
     built = {s.name: per_site[s.name].build(s, stats.get(s.name), initialize) for s in sites}
     if state_dict is not None:
         _fill(built, state_dict, name)
+    return sites, built, also
 
-    # ---- from here on nothing can fail on bad input: install ----
+
+def _install(model: nn.Module, config: MethodConfig, name: str, sites: list[Site], built: dict[str, Adapter],
+             also: dict[str, nn.Parameter]) -> None:
+    """Put built adapters in place: freeze the base, subtract residuals, mark `also` trainable.
+
+    Nothing here can fail on bad input; `_build` checked it all.
+    """
     state = _state(model, create=True)
     if not state.groups:
         state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -294,7 +308,6 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
                  for site, a in built.items() for k, p in a.named_parameters()}
     state.groups[name] = Group(config, built, trainable)
     state.active.append(name)
-    return model
 
 
 def _fill(built: dict[str, Adapter], state_dict: dict[str, Tensor], name: str) -> None:

@@ -231,6 +231,8 @@ def make_trainable(run: configuration.RunConfig, task: data.TaskData, train_rows
 
 
 def _transformers_trainer():
+    """(PeftlabTrainer, StepHook, MetricsFile): classes built on transformers', defined here so that
+    importing peftlab does not import transformers' Trainer (seconds) until a run needs it."""
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import ExportableState
 

@@ -206,6 +206,19 @@ def test_records_are_written_and_a_rerun_skips_finished_runs(tmp_path):
     assert len(invocations) == 1 and invocations[0]["runs"] == invocations[0]["planned"] == 16
 
 
+def test_the_time_left_counts_only_the_runs_a_resumed_bench_will_train(tmp_path, monkeypatch):
+    s = make_suite()
+    run(s, tmp_path, FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6}))
+    for name in ("lora--movie-sentiment--s1", "dora--movie-sentiment--s1--peft"):
+        (tmp_path / "results" / f"{name}.json").unlink()
+    remaining = []
+    real = runner.progress_line
+    monkeypatch.setattr(runner, "progress_line", lambda *a, **k: remaining.append(a[4]) or real(*a, **k))
+    again = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6})
+    run(s, tmp_path, again)
+    assert len(again.calls) == 2 and remaining == [2, 1]  # not the 16 runs of the plan
+
+
 def test_learning_rate_is_chosen_on_validation_and_final_and_peer_runs_use_it(tmp_path):
     fake = FakeTraining(validation={1e-4: 0.7, 1e-3: 0.6})
     run(make_suite(), tmp_path, fake)

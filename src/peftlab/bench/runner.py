@@ -280,6 +280,7 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
                 reuse=execute.evaluate_selected if reuse_selection else None)
     started, load = time.time(), os.getloadavg()[0]
     loop.pending = list(jobs)
+    loop.recorded = {j for j in jobs if (read_record(record_path(results_dir, j)) or {}).get("status") == "ok"}
     while loop.pending or loop.running:
         waiting = len(loop.pending)
         for job in list(loop.pending):  # in plan order: a job's dependencies come before it
@@ -332,6 +333,7 @@ class Loop:
     running: dict[Job, tuple[dict[str, Any], float]] = dataclasses.field(default_factory=dict)
     spent: list[float] = dataclasses.field(default_factory=list)
     pending: list[Job] = dataclasses.field(default_factory=list)  # not started yet, in plan order
+    recorded: set[Job] = dataclasses.field(default_factory=set)  # had an ok record at the start: likely skipped
     launched: int = 0
     reuse: Callable[..., dict] | None = None  # evaluates a selection run as a final run (None: always train)
 
@@ -380,7 +382,8 @@ class Loop:
         elif self.dry_run:
             self.echo(f"{head}, {job.name}: would run" + (" (config changed)" if existing else ""))
         else:
-            remaining = len(self.jobs) - self.launched + 1 + len(self.running)
+            # the time left counts the runs to train, not the ones a resumed bench will skip
+            remaining = 1 + len(self.running) + sum(1 for j in self.pending if j not in self.recorded)
             self.echo(progress_line(self.launched, len(self.jobs), job, self.spent, remaining, self.workers))
             record = {**_identity(self.suite, job, config, digest, selection), "concurrent_runs": self.workers}
             self.running[job] = (record, time.time())

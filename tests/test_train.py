@@ -86,13 +86,22 @@ def test_a_run_directory_holds_config_adapter_metrics_and_summary(reference):
 
 def test_the_summary_names_the_source_commit(reference, tmp_path, monkeypatch):
     _, summary = reference
-    root = pathlib.Path(train.__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        pytest.skip("peftlab is not installed from a git checkout here")
-    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    assert summary["versions"]["peftlab_commit"].removesuffix("-dirty") == head
+    assert summary["versions"].get("peftlab_commit") == train.source_commit()
+    # a checkout: HEAD's commit, "-dirty" once a tracked file under src/ changes
+    repo = tmp_path / "checkout"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "a.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "one"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert train.source_commit(repo) == head
+    (repo / "src" / "a.py").write_text("x = 2\n")
+    train.source_commit.cache_clear()
+    assert train.source_commit(repo) == head + "-dirty"
     # outside a checkout (an installed wheel) there is no commit, and no key
+    assert train.source_commit(tmp_path) is None
     monkeypatch.setattr(train, "source_commit", lambda: None)
     assert "peftlab_commit" not in train.run_versions()
 

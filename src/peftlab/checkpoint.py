@@ -169,6 +169,11 @@ def remove_leftovers(folder: pathlib.Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def step_of(checkpoint_dir: pathlib.Path) -> int:
+    """The optimizer step a checkpoint folder holds: checkpoint-120 -> 120."""
+    return int(checkpoint_dir.name[len(PREFIX):])
+
+
 def sorted_checkpoints(folder: pathlib.Path) -> list[pathlib.Path]:
     """Complete checkpoints, oldest first (temporary and half-deleted ones are hidden names)."""
     if not folder.is_dir():

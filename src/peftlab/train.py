@@ -406,11 +406,13 @@ def run_versions() -> dict[str, str]:
     return {**found, "peftlab_commit": commit} if commit else found
 
 
-@functools.lru_cache(maxsize=1)
-def source_commit() -> str | None:
+SOURCE_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout holding src/peftlab, if any
+
+
+@functools.lru_cache(maxsize=4)
+def source_commit(root: pathlib.Path = SOURCE_ROOT) -> str | None:
     """The git commit of the peftlab source that ran ("-dirty": its src/ had local changes), or None
     outside a git checkout. A version number alone does not say which code produced a result."""
-    root = pathlib.Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
     git = ["git", "-C", str(root)]
@@ -494,7 +496,7 @@ def train(run: configuration.RunConfig, *, resume: bool = False, overwrite: bool
     model = adapted.model
     trainable = sum(p.numel() for p in trainable_parameters(model).values())
     total = sum(p.numel() for p in model.parameters())
-    steps_done = output.global_step - (int(latest.name.split("-")[1]) if latest else 0)
+    steps_done = output.global_step - (checkpoint.step_of(latest) if latest else 0)
     summary = {
         "run": str(run_dir), "model": run.model, "task": run.task, "method": run.method["name"],
         "metrics": metrics, "trainable_parameters": trainable, "total_parameters": total,
@@ -549,7 +551,7 @@ def _make_trainer(run: configuration.RunConfig, task, adapted, tokenizer, train_
     PeftlabTrainer, StepHook, MetricsFile = _transformers_trainer()
     metrics_path = run_dir / "metrics.jsonl"
     if state.is_main_process and latest is not None:
-        _truncate_metrics(metrics_path, int(latest.name.split("-")[1]))
+        _truncate_metrics(metrics_path, checkpoint.step_of(latest))
     callbacks = [MetricsFile(metrics_path)]
     if adapted.after_step is not None:
         hook = StepHook()

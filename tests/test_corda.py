@@ -1,6 +1,6 @@
 """CorDA: contract rows (both modes), the decomposition's properties, and parity with `peft`.
 
-Parity: the same calibration batches (one sequence each, as `peft`/the official code expect)
+Parity: the same calibration sequences (one per forward, as `peft`/the official code expect)
 give the same covariance, the same damped inverse and the same SVD; measured bitwise equal on
 MiniLM-L6; asserted: A, B, W_res within atol 1e-6 and outputs (after setting B to the same
 random values in both) within 1e-5.
@@ -54,6 +54,32 @@ def test_adapter_holds_the_chosen_components_of_the_covariance_weighted_svd(mode
     # the host holds W0 minus exactly that while attached
     torch.testing.assert_close(model.encoder.layer[0].attention.self.query.weight + adapter.delta_weight(), W0,
                                atol=1e-5, rtol=0)
+
+
+def test_covariance_is_per_sequence_whatever_the_batching():
+    # The official statistic: each sequence scaled by its own max, averaged over sequences. A padded
+    # batch of 4 must give what 4 unpadded forwards give (a per-batch mean would be 4x larger, and
+    # scaled by the batch's max instead of each sequence's).
+    model = tiny_bert().eval()
+    host = model.encoder.layer[1].attention.self.value
+    site = Site("encoder.layer.1.attention.self.value", host, host_kind(host))
+    batch = token_batch(seed=7, batch=4, length=12)
+    batch["attention_mask"] = torch.ones(4, 12, dtype=torch.long)
+    batch["attention_mask"][1, 9:] = 0
+    batch["attention_mask"][3, 5:] = 0
+    rows = [{k: v[i:i + 1, :int(batch["attention_mask"][i].sum())] for k, v in batch.items()} for i in range(4)]
+    padded = peftlab.CorDA(targets=["value"]).calibrate(model, [site], [batch])[site.name]
+    single = peftlab.CorDA(targets=["value"]).calibrate(model, [site], rows)[site.name]
+    torch.testing.assert_close(padded, single, atol=1e-6, rtol=1e-5)
+    # and by hand, for the first sequence's share
+    seen = []
+    handle = host.register_forward_hook(lambda m, args, out: seen.append(args[0][0]))
+    with torch.no_grad():
+        model(**rows[0])
+    handle.remove()
+    x = seen[0] / seen[0].max().abs()
+    others = peftlab.CorDA(targets=["value"]).calibrate(model, [site], rows[1:])[site.name]
+    torch.testing.assert_close(padded, (x.T @ x + 3 * others) / 4, atol=1e-6, rtol=1e-5)
 
 
 def test_bad_mode_and_missing_calibration():

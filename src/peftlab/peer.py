@@ -113,8 +113,8 @@ def corda(cfg, sites, head) -> PeerPlan:
 
     def collect(model: nn.Module, batches: list[dict]) -> None:
         # peft's CorDA takes the covariance of each forward's (tokens, features) input, so it is fed
-        # one unpadded sequence at a time, as its official code does (peftlab's takes padded batches
-        # and leaves the padding out: the same tokens, weighted per batch instead of per sequence)
+        # one unpadded sequence at a time, as its official code does (peftlab's takes the padded
+        # batches and computes the same per-sequence statistic, padding left out)
         with torch.no_grad():
             preprocess_corda(model, config, run_model=lambda: [model(**row) for row in single_sequences(batches)])
 

@@ -19,9 +19,9 @@ Trained: A and B (the host holds W_res while attached; the initial factors are k
 so a saved adapter re-applies to the original base weights and detach restores W0 exactly).
 
 Choices, following the official code as `peft` carries it (`tuners/lora/corda.py`):
-  - each calibration batch x (tokens, in) is scaled by 1/|max(x)| and adds x^T x to C; C is then
-    divided by the number of batches. The official statistic is per sequence: pass batches of one
-    sequence to reproduce it; padded tokens (attention_mask == 0) are left out here.
+  - each calibration sequence x (tokens, in) is scaled by 1/|max(x)| and adds x^T x to C; C is then
+    divided by the number of sequences. Batches of any size give the official statistic; padded
+    tokens (attention_mask == 0) are left out.
   - C is damped before inversion: C + d * mean(diag C) * I with d = 0.01, doubled until
     ||C_d C_d^-1 - I||_F < 0.05; the damped C_d is the one used in W0 C_d and C_d^-1.
   - the covariance is computed in float32, the model in eval mode under no_grad.
@@ -42,22 +42,33 @@ MODES = ("ipm", "kpm")
 
 
 def input_covariance(model, sites: list[Site], calibration) -> dict[str, Tensor]:
-    """{site: C (in, in)}: the mean over batches of x^T x / max(x)^2, x the site's input tokens."""
+    """{site: C (in, in)}: the mean over calibration sequences of x^T x / max(x)^2, x a sequence's tokens.
+
+    The statistic is per sequence, as in the official code (which calibrates one sequence per
+    forward): each sequence is scaled by its own max, so a batch of 32 gives the same C as 32
+    forwards of one. Padded tokens (attention_mask == 0) are left out.
+    """
     sums: dict[str, Tensor] = {s.name: 0 for s in sites}
-    count = 0
+    counts: dict[str, int] = {s.name: 0 for s in sites}
     device = sites[0].kind.matrix(sites[0].host).device
     mask = None
 
+    def sequences(x: Tensor) -> list[Tensor]:
+        """The site input (batch, tokens, in) or (tokens, in) as one (tokens_i, in) tensor per sequence."""
+        if mask is not None and x.shape[:-1] == mask.shape:
+            return [row[keep] for row, keep in zip(x, mask)]
+        return list(x) if x.dim() == 3 else [x.reshape(-1, x.shape[-1])]
+
     def hook(name: str):
         def add(module, args, output) -> None:
-            x = args[0]
-            x = x[mask] if mask is not None and x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])
-            x = x.float()
-            x = x / x.max().abs()
-            if not torch.isfinite(x).all():
-                raise PeftlabError(f"CorDA: the input of {name} has inf/nan (or is all zero) on a calibration batch: "
-                                   "check the batches (no empty or constant-zero sequences)")
-            sums[name] = sums[name] + x.T @ x  # (in, in)
+            for x in sequences(args[0]):
+                x = x.float()
+                x = x / x.max().abs()
+                if not torch.isfinite(x).all():
+                    raise PeftlabError(f"CorDA: the input of {name} has inf/nan (or is all zero) on a calibration "
+                                       "sequence: check the batches (no empty or constant-zero sequences)")
+                sums[name] = sums[name] + x.T @ x  # (in, in)
+                counts[name] += 1
         return add
 
     handles = [s.host.register_forward_hook(hook(s.name)) for s in sites]
@@ -69,14 +80,17 @@ def input_covariance(model, sites: list[Site], calibration) -> dict[str, Tensor]
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
                 model(**batch)
-                count += 1
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if count == 0:
+    if not any(counts.values()):
         raise PeftlabError("CorDA got no calibration batches: pass calibration=[batch, ...] (dicts of model inputs)")
-    return {name: total / count for name, total in sums.items()}
+    unseen = [name for name, n in counts.items() if n == 0]
+    if unseen:
+        raise PeftlabError(f"CorDA: {', '.join(unseen)} saw no input on the calibration batches; target modules "
+                           "that the model's forward uses")
+    return {name: total / counts[name] for name, total in sums.items()}
 
 
 def damped_inverse(covariance: Tensor, damp: float = 0.01, tolerance: float = 0.05) -> tuple[Tensor, Tensor]:

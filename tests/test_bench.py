@@ -431,6 +431,19 @@ def test_report_table_peer_column_grid_and_plots(tmp_path):
         assert (results / name).stat().st_size > 5000 and f"({name})" in text
 
 
+def test_the_report_names_selection_runs_no_choice_includes(tmp_path):
+    s, results = fixture_records(tmp_path)
+    assert "Unused selection runs" not in report.write_report(s, results).read_text()
+    # a record a lower grid left behind: same method and task, a rate the final choice never scored
+    stale = {**runner.read_record(results / "lora--movie-sentiment--s0--lr0.0001--select.json"),
+             "run": "lora--movie-sentiment--s0--lr3e-05--select", "lr": 3e-5}
+    runner.write_record(results / "lora--movie-sentiment--s0--lr3e-05--select.json", stale)
+    text = report.write_report(s, results).read_text()
+    assert "## Unused selection runs" in text and "`lora--movie-sentiment--s0--lr3e-05--select`" in text
+    assert "lr0.0001--select`" not in text  # the rates the choice scored are not listed
+    assert "| lora | 0.805 ± 0.007 | +0.000 | 0,1 | 5.0k |" in text  # and the table is unchanged
+
+
 def test_the_report_tables_are_embedded_between_markers(tmp_path):
     s, results = fixture_records(tmp_path)
     path = report.write_report(s, results)

@@ -172,6 +172,7 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str],
     lines += [f"![score vs trainable parameters]({p})" for p in plots[:1]]
     lines += ["", *[f"![score vs training time]({p})" for p in plots[1:2]], ""]
     lines += _grid_section(suite, table)
+    lines += _unused_selection_runs(records, table)
     lines += _failures(records)
     lines += _excluded(suite)
     lines += _setup(suite, records, invocations)
@@ -225,6 +226,24 @@ def _grid_section(suite: Suite, table: dict) -> list[str]:
     else:
         lines += ["", "Every grid here has one rate, so no selection runs were needed."]
     return lines + [""]
+
+
+def _unused_selection_runs(records: list[dict[str, Any]], table: dict) -> list[str]:
+    """Selection records that no final run's choice includes: left by an earlier grid or tie rule."""
+    unused = []
+    for r in records:
+        if r.get("phase") != "select" or r.get("status") != "ok":
+            continue
+        final = table.get((r.get("task"), r.get("method"), r.get("implementation", "peftlab")))
+        scores = final["selection"].get("scores", {}) if final else {}
+        if scores and not any(math.isclose(float(lr), r["lr"], rel_tol=1e-9) for lr in scores):
+            unused.append(r["run"])
+    if not unused:
+        return []
+    return ["## Unused selection runs", "",
+            "These selection records are in the results directory, but no final run's learning-rate choice "
+            "includes them (an earlier grid or selection rule ran them); they count nowhere in this report, "
+            "and deleting them changes nothing: " + ", ".join(f"`{run}`" for run in sorted(unused)) + ".", ""]
 
 
 def _failures(records: list[dict[str, Any]]) -> list[str]:

@@ -89,6 +89,13 @@ def test_bad_mode_and_missing_calibration():
         peftlab.attach(tiny_bert(), peftlab.CorDA(targets=["query"]))
     with pytest.raises(peftlab.PeftlabError, match="no calibration batches"):
         peftlab.attach(tiny_bert(), peftlab.CorDA(targets=["query"]), calibration=[])
+    # a site the forward never reaches gets no covariance: named, instead of a division by zero
+    model, stray = tiny_bert(), torch.nn.Linear(32, 32)
+    query = model.encoder.layer[0].attention.self.query
+    sites = [Site("encoder.layer.0.attention.self.query", query, host_kind(query)),
+             Site("stray", stray, host_kind(stray))]
+    with pytest.raises(peftlab.PeftlabError, match="stray saw no input"):
+        peftlab.CorDA(targets=["query"]).calibrate(model, sites, calibration())
 
 
 # ---- parity with peft ----------------------------------------------------------------------------

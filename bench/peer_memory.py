@@ -38,7 +38,7 @@ def adapted_model(method: str, library: str):
 
     import peftlab
 
-    from peftlab import peer
+    from peftlab.recipe import peer
 
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(g.get_model_path(), dtype=torch.float32)

@@ -21,7 +21,7 @@ def tiny_checkpoint(root: pathlib.Path) -> pathlib.Path:
         return _TINY["bert"]
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from peftlab import models
+    from peftlab.recipe import models
 
     folder = root / "tiny-bert"
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def tiny_chat_checkpoint(root: pathlib.Path) -> pathlib.Path:
         return _TINY["llama"]
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peftlab import models
+    from peftlab.recipe import models
 
     cached = models.cache_dir() / "smollm2-135m-instruct-fp32"
     if (cached / "tokenizer_config.json").is_file():

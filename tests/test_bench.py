@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab import adaptation, peer
+from peftlab.recipe import adaptation, peer
 from peftlab.bench import report, runner, suite as suites
 from peftlab.bench.suite import Job
 from peftlab.errors import PeftlabError
@@ -170,7 +170,7 @@ def test_shipped_suites_parse_and_expand(name, monkeypatch):
     jobs = suites.plan(s, registered, set(peer.METHODS))
     finals = [j for j in jobs if j.phase == "final" and j.implementation == "peftlab"]
     assert {j.method for j in finals} == set(s.method_names(registered))
-    from peftlab import runconfig
+    from peftlab.recipe import config as runconfig
 
     for job in finals:  # every method's run config validates as a `peftlab train` config
         fields = runner.accepted_fields(job.method)
@@ -517,7 +517,7 @@ def test_baselines_train_the_head_or_everything():
 
 def test_baselines_are_run_configs():
     """`peftlab train --set method.name=full` drops the default LoRA's fields; fields are refused."""
-    from peftlab import runconfig
+    from peftlab.recipe import config as runconfig
 
     assert runconfig.build(None, ["method.name=full"]).method == {"name": "full"}
     assert runconfig.build(None, ["method.name=head-only"]).method == {"name": "head-only"}

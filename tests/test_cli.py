@@ -16,7 +16,8 @@ import torch
 import yaml
 
 import peftlab
-from peftlab import cli, runs
+from peftlab import cli
+from peftlab.recipe import runs
 from run_helpers import step_losses, tiny_chat_checkpoint, tiny_checkpoint, tiny_overrides
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from peftlab import PeftlabError, data
+from peftlab import PeftlabError
+from peftlab.recipe import data
 
 
 def test_movie_sentiment_is_binarised_with_zero_scores_dropped():
@@ -130,7 +131,7 @@ def chat_tokenizer():
     """MiniLM's tokenizer with a ChatML template: fast to load, enough to test answer masking."""
     from transformers import AutoTokenizer
 
-    from peftlab import models
+    from peftlab.recipe import models
 
     tok = AutoTokenizer.from_pretrained(models.minilm_dir())
     tok.chat_template = ("{% for m in messages %}[unused1] {{ m['role'] }} {{ m['content'] }} [SEP] {% endfor %}"
@@ -170,7 +171,7 @@ def test_sft_rows_whose_answer_is_cut_off_are_dropped(chat_tokenizer):
 def test_sft_needs_a_chat_template():
     from transformers import AutoTokenizer
 
-    from peftlab import models
+    from peftlab.recipe import models
 
     plain = AutoTokenizer.from_pretrained(models.minilm_dir())
     with pytest.raises(PeftlabError, match="no chat template"):

@@ -6,7 +6,8 @@ import importlib.util
 import pytest
 import torch
 
-from peftlab import PeftlabError, models
+from peftlab import PeftlabError
+from peftlab.recipe import models
 from run_helpers import tiny_checkpoint
 
 

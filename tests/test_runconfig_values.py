@@ -1,5 +1,5 @@
 """Values in run configs and --set overrides are read as users write them."""
-from peftlab.runconfig import parse_override
+from peftlab.recipe.config import parse_override
 
 
 def test_exponent_floats_and_ints():

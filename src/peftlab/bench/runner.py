@@ -215,7 +215,7 @@ def with_recipe_defaults(config: dict[str, Any]) -> dict[str, Any]:
     The default method section is left out: its LoRA fields (r, alpha) must not leak into
     another method's config.
     """
-    from .. import runconfig
+    from ..recipe import config as runconfig
 
     defaults = runconfig.default_dict()
     defaults.pop("method", None)
@@ -266,7 +266,7 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
 
     run_one = run_one or execute.run_job
     if peer_methods is None:
-        from .. import peer
+        from ..recipe import peer
 
         peer_methods = set(peer.METHODS)
     jobs = suites.plan(suite, registered_methods(), peer_methods, methods=methods, tasks=tasks, only=only,

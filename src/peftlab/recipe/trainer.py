@@ -47,10 +47,10 @@ import numpy as np
 import torch
 import yaml
 
-from . import adaptation, checkpoint, data, models, runconfig as configuration
-from .core import attach, trainable_parameters
-from .errors import PeftlabError
-from .registry import config as method_config
+from . import adaptation, checkpoint, data, models, config as configuration
+from ..core import attach, trainable_parameters
+from ..errors import PeftlabError
+from ..registry import config as method_config
 
 ADAPTER_NAME = "default"
 
@@ -398,7 +398,7 @@ def run_versions() -> dict[str, str]:
     """The versions a run's summary records: packages, python, machine, and the source commit."""
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     found = {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
              "python": platform.python_version(), "machine": platform.machine(), "cpus": str(os.cpu_count())}
@@ -406,7 +406,7 @@ def run_versions() -> dict[str, str]:
     return {**found, "peftlab_commit": commit} if commit else found
 
 
-SOURCE_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout holding src/peftlab, if any
+SOURCE_ROOT = pathlib.Path(__file__).resolve().parents[3]  # the checkout holding src/peftlab, if any
 
 
 @functools.lru_cache(maxsize=4)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import PeftlabError
+from ..errors import PeftlabError
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 

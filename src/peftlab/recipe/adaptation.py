@@ -22,7 +22,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from .errors import PeftlabError
+from ..errors import PeftlabError
 
 # Baselines: not adapter methods (they are not in the registry), but run configs like any other.
 BASELINES = ("head-only", "full")
@@ -48,7 +48,7 @@ def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def of_peftlab(model: nn.Module, method) -> Adaptation:
     """The default: the method is attached already; peftlab's model-wide hooks do the rest."""
-    from . import core, io
+    from .. import core, io
 
     return Adaptation(
         model=model,

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from . import adaptation, data, models
-from .core import configs, detach
-from .errors import PeftlabError
-from .io import load, save
+from ..core import configs, detach
+from ..errors import PeftlabError
+from ..io import load, save
 
 
 def load_trained(run_dir: str | pathlib.Path):
     """(model, tokenizer, run config, task record) of a finished run, in eval mode."""
-    from . import train
+    from . import trainer as train
 
     run_dir = pathlib.Path(run_dir)
     run, task = train.read_run(run_dir)
@@ -56,7 +56,7 @@ def load_trained(run_dir: str | pathlib.Path):
 
 
 def _rows_to_evaluate(run, task: dict, data_source: str | None, split: str) -> tuple[str, list[dict]]:
-    from . import train
+    from . import trainer as train
 
     if data_source is None or data_source == run.task:
         source = train.load_task(run)
@@ -98,7 +98,7 @@ def score(model: nn.Module, tokenizer, rows: list[dict], kind: str, max_length: 
     """Loss (per example, or per answer token for SFT) and, for classification, accuracy and macro F1."""
     from tqdm.auto import tqdm
 
-    from . import train
+    from . import trainer as train
 
     encoded = train.encode(rows, kind, tokenizer, max_length)
     collate = data.PadCollator(tokenizer.pad_token_id)
@@ -126,7 +126,7 @@ def score(model: nn.Module, tokenizer, rows: list[dict], kind: str, max_length: 
 
 def evaluate(run_dir: str | pathlib.Path, data_source: str | None = None, split: str = "test",
              echo=print) -> dict[str, Any]:
-    from . import train
+    from . import trainer as train
 
     name, rows = _rows_to_evaluate(*train.read_run(run_dir), data_source, split)  # bad data fails before loading
     model, tokenizer, run, task = load_trained(run_dir)

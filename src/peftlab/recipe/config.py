@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from .errors import PeftlabError
+from ..errors import PeftlabError
 
 DEFAULT_YAML = """\
 model: minilm-l6
@@ -198,7 +198,7 @@ def _accepted(section: str, name: str, old: dict[str, Any]) -> dict[str, Any]:
         return {"name": name}
     try:
         if section == "method":
-            from . import registry
+            from .. import registry
 
             names = {f.name for f in dataclasses.fields(registry.method_class(name))}
         else:
@@ -357,7 +357,8 @@ def _check_task(run: RunConfig) -> None:
 
 
 def _check_method(run: RunConfig) -> None:
-    from . import adaptation, registry
+    from .. import registry
+    from . import adaptation
 
     if run.method["name"] in adaptation.BASELINES:  # head-only, full: not adapter methods, no fields
         adaptation.check_baseline_fields(run.method)
@@ -392,7 +393,8 @@ def run_field_values(run: RunConfig, train_examples: int | None) -> dict[str, An
 
 def with_run_fields(method: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """The method section with `values` in the run fields it declares and leaves unset."""
-    from . import adaptation, registry
+    from .. import registry
+    from . import adaptation
 
     filled = dict(method)
     if method["name"] not in adaptation.BASELINES:

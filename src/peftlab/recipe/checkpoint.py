@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import PeftlabError
+from ..errors import PeftlabError
 
 PREFIX = "checkpoint-"
 

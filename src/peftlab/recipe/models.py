@@ -35,7 +35,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .errors import PeftlabError
+from ..errors import PeftlabError
 
 MINILM = "minilm-l6"
 SMOLLM2 = "smollm2-135m"

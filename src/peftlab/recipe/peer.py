@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .adaptation import Adaptation, trained_parameters
-from .errors import PeftlabError
+from ..errors import PeftlabError
 
 ADAPTER_NAME = "default"
 
@@ -197,8 +197,8 @@ METHODS: dict[str, Callable[..., PeerPlan]] = {
 
 def sites_of(model: nn.Module, cfg) -> list[str]:
     """The module names peftlab would adapt for this config (targets, exclude, supported hosts)."""
-    from .hosts import host_kind
-    from .targets import select
+    from ..hosts import host_kind
+    from ..targets import select
 
     modules = dict(model.named_modules())
     names = [n for n in select(model, cfg.targets, cfg.exclude)
@@ -209,7 +209,7 @@ def sites_of(model: nn.Module, cfg) -> list[str]:
 
 
 def plan_for(run, model: nn.Module, head: str | None) -> PeerPlan:
-    from .registry import config as method_config
+    from ..registry import config as method_config
 
     name = run.method["name"]
     if name not in METHODS:

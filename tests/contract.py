@@ -145,7 +145,7 @@ def _check_peft_export(case: Case, model: torch.nn.Module, batch: dict, adapted_
     from peft import PeftModel
 
     adapters = list(peftlab.adapters(model, "default").values())
-    own_form = peftlab.configs(model)["default"].method in ("lora", "dora")
+    own_form = peftlab.adapter_configs(model)["default"].method in ("lora", "dora")
     with torch.no_grad():
         factors = [a.lora_factors() if a.additive else None for a in adapters]
         for adapter, pair in zip(adapters, factors):

@@ -215,7 +215,7 @@ def test_detach_keep_merged_takes_every_adapter_at_once():
     weights = _state(model)
     with pytest.raises(PeftlabError, match="removes every adapter at once.*Detach the others first"):
         peftlab.detach(model, "a", keep_merged=True)
-    assert set(peftlab.configs(model)) == {"a", "b"}
+    assert set(peftlab.adapter_configs(model)) == {"a", "b"}
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
 
@@ -249,4 +249,4 @@ def test_merge_refuses_a_method_without_weight_form():
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in weights.items())
     assert all(not slot.merged for _, slot in peftlab.core._slots(model))
-    assert peftlab.configs(model)  # still attached
+    assert peftlab.adapter_configs(model)  # still attached

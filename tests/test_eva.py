@@ -38,7 +38,7 @@ def test_registry_name_builds_eva_and_round_trips_ranks():
     assert type(cfg) is peftlab.EVA and cfg.method == "eva"
     model = tiny_bert()
     peftlab.attach(model, cfg, calibration=calibration())
-    cfg = peftlab.configs(model)["default"]  # the attached config holds the ranks calibration chose
+    cfg = peftlab.adapter_configs(model)["default"]  # the attached config holds the ranks calibration chose
     again = peftlab.from_json(cfg.to_json())
     assert again == cfg and again.ranks == cfg.ranks and len(cfg.ranks) == 6
 
@@ -48,7 +48,7 @@ def test_ranks_are_redistributed_within_the_budget():
     targets = ["query", "attention.output.dense", "intermediate.dense"]
     cfg = peftlab.EVA(r=4, rho=2.0, targets=targets, overrides={"intermediate.dense": {"r": 2}})
     peftlab.attach(model, cfg, calibration=calibration())
-    ranks = peftlab.configs(model)["default"].ranks
+    ranks = peftlab.adapter_configs(model)["default"].ranks
     budget = {n: 2 if n.endswith("intermediate.dense") else 4 for n in ranks}
     assert sum(ranks.values()) == sum(budget.values())  # the total is kept
     assert all(0 <= k <= round(2.0 * budget[n]) for n, k in ranks.items())  # rho caps each site
@@ -93,7 +93,7 @@ def _peft_eva(model, batches, targets, **eva):
 
 
 def _compare(ours, theirs, batch, atol=1e-6):
-    cfg = peftlab.configs(ours)["default"]
+    cfg = peftlab.adapter_configs(ours)["default"]
     g = torch.Generator().manual_seed(0)
     for site, adapter in peftlab.adapters(ours, "default").items():
         layer = theirs.base_model.model.get_submodule(site)
@@ -127,7 +127,7 @@ def test_parity_with_peft_on_minilm(minilm, minilm_batch):
     targets = ["query", "key", "value", "attention.output.dense"]
     cfg = peftlab.EVA(r=4, alpha=8, rho=2.0, targets=targets)
     peftlab.attach(model, cfg, calibration=batches)
-    cfg = peftlab.configs(model)["default"]
+    cfg = peftlab.adapter_configs(model)["default"]
     theirs = _peft_eva(load_minilm()[0], batches, targets, r=4, lora_alpha=8, rho=2.0)
     expected = {s: k for s, k in theirs.peft_config["default"].rank_pattern.items()}
     assert {s: k for s, k in cfg.ranks.items() if k != 4} == {s: k for s, k in expected.items() if k != 4}
@@ -168,7 +168,7 @@ def test_a_site_given_rank_zero_keeps_an_empty_adapter_through_save_and_load(tmp
     model = Funnel()
     cfg = peftlab.EVA(r=2, rho=2.0, targets=["wide", "narrow"])
     peftlab.attach(model, cfg, calibration=batches)
-    cfg = peftlab.configs(model)["default"]
+    cfg = peftlab.adapter_configs(model)["default"]
     assert cfg.ranks == {"wide": 0, "narrow": 4}  # narrow's 4 directions explain more than any of wide's
     assert peftlab.adapters(model, "default")["wide"].A.shape == (0, 64)
     with torch.no_grad():
@@ -179,4 +179,4 @@ def test_a_site_given_rank_zero_keeps_an_empty_adapter_through_save_and_load(tmp
     peftlab.load(fresh, tmp_path / "eva")
     with torch.no_grad():
         torch.testing.assert_close(fresh(batches[0]["x"]), out, atol=1e-6, rtol=0)
-    assert peftlab.configs(fresh)["default"].ranks == cfg.ranks
+    assert peftlab.adapter_configs(fresh)["default"].ranks == cfg.ranks

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import peftlab
 from conftest import image_batch, output_of, tiny_bert, tiny_cnn, tiny_gpt2, token_batch
-from peftlab import io as peftlab_io
+from peftlab.io import files as io_files
 
 QV = ["query", "value"]
 
@@ -35,7 +35,7 @@ def perturb(model, seed: int = 7, size: float = 0.1):
 
 
 def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, dict(peftlab.configs(model))
+    return {k: v.clone() for k, v in model.state_dict().items()}, dict(peftlab.adapter_configs(model))
 
 
 def assert_untouched(model, snap):
@@ -44,7 +44,7 @@ def assert_untouched(model, snap):
     assert set(now) == set(state)
     for k, v in state.items():
         assert torch.equal(now[k], v), f"{k} changed"
-    assert dict(peftlab.configs(model)) == configs
+    assert dict(peftlab.adapter_configs(model)) == configs
     if not configs:
         assert "_peftlab" not in model.__dict__
 
@@ -91,8 +91,8 @@ def test_round_trip_several_adapters_keys_fingerprint_and_active_set(tmp_path):
 
     fresh = tiny_bert()
     peftlab.load(fresh, directory)
-    assert list(peftlab.configs(fresh)) == ["a", "b", "c"]
-    assert peftlab.configs(fresh)["b"] == peftlab.configs(model)["b"]
+    assert list(peftlab.adapter_configs(fresh)) == ["a", "b", "c"]
+    assert peftlab.adapter_configs(fresh)["b"] == peftlab.adapter_configs(model)["b"]
     with torch.no_grad():
         torch.testing.assert_close(output_of(fresh, batch), expected, atol=1e-6, rtol=0)
     assert set(fresh.state_dict()) == set(state)
@@ -157,9 +157,9 @@ def test_name_selects_what_is_saved_and_what_is_loaded(tmp_path):
 
     fresh = tiny_bert()
     peftlab.load(fresh, tmp_path / "both", name="q")
-    assert list(peftlab.configs(fresh)) == ["q"]
+    assert list(peftlab.adapter_configs(fresh)) == ["q"]
     peftlab.load(fresh, tmp_path / "both", name="v")  # adds to what is attached
-    assert list(peftlab.configs(fresh)) == ["q", "v"]
+    assert list(peftlab.adapter_configs(fresh)) == ["q", "v"]
 
 
 def test_load_keeps_the_active_set_of_adapters_attached_before(tmp_path):
@@ -167,7 +167,7 @@ def test_load_keeps_the_active_set_of_adapters_attached_before(tmp_path):
     model = tiny_bert()
     peftlab.attach(model, peftlab.LoRA(r=2, targets=["key"]), name="mine")
     peftlab.load(model, directory)
-    assert peftlab.core._state(model).active == ["mine", "default"]
+    assert peftlab.core.state_of(model).active == ["mine", "default"]
 
 
 # ---- atomic writes -------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def test_failed_write_leaves_the_previous_save_loadable_and_no_temporary_files(t
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(peftlab_io.os, "replace", crash)
+    monkeypatch.setattr(io_files.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         peftlab.save(model, directory)
     monkeypatch.undo()
@@ -208,7 +208,7 @@ def test_tensors_of_one_save_with_the_config_of_another_are_refused(tmp_path, mo
             raise OSError("killed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(peftlab_io.os, "replace", crash_on_config)
+    monkeypatch.setattr(io_files.os, "replace", crash_on_config)
     with pytest.raises(OSError):
         peftlab.save(model, directory)
     monkeypatch.undo()
@@ -225,6 +225,32 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     os.umask(umask)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert os.stat(directory / name).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_directory_is_published_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out"
+    with io_files.new_directory(target) as scratch:
+        io_files.write_json(scratch / "a.json", {"b": 1, "a": [2]}, sort_keys=True)
+        (scratch / "sub").mkdir()
+        io_files.write_text(scratch / "sub" / "c.txt", "c")
+        assert not target.exists()
+    assert (target / "a.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
+    assert (target / "sub" / "c.txt").read_text() == "c"
+
+    with pytest.raises(RuntimeError):
+        with io_files.new_directory(target) as scratch:
+            (scratch / "half").write_text("x")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old one stays, no scratch left
+    assert sorted(p.name for p in target.iterdir()) == ["a.json", "sub"]
+
+    with io_files.new_directory(target, replace=False) as scratch:  # another writer finished first
+        (scratch / "mine").write_text("x")
+    assert sorted(p.name for p in target.iterdir()) == ["a.json", "sub"]
+    with io_files.new_directory(target) as scratch:
+        (scratch / "new").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
 
 
 # ---- bad input: each leaves the model exactly as it was ------------------------------------

@@ -116,7 +116,7 @@ def test_minilm_import_from_peft_with_equal_outputs(case, minilm_batch, tmp_path
     expected, got, model = import_round(minilm_model, MINILM[case][1](), minilm_batch, tmp_path)
     assert_changed(expected, base)
     torch.testing.assert_close(got, expected, **TOL)
-    config = peftlab.configs(model)["default"]
+    config = peftlab.adapter_configs(model)["default"]
     extra = {"rslora": {"rslora": True}, "pissa": {"init": "pissa"}, "olora": {"init": "olora"}}.get(case, {})
     method = "dora" if case == "dora" else "lora"
     assert config == peftlab.config(method, r=8, alpha=16, targets=config.targets, **extra)
@@ -135,7 +135,7 @@ def test_minilm_import_peft_pissa_converted_to_plain_lora(minilm_batch, tmp_path
     model = minilm_model()
     peftlab.load(model, tmp_path / "converted")
     torch.testing.assert_close(computed(model, minilm_batch), expected, **TOL)
-    config = peftlab.configs(model)["default"]
+    config = peftlab.adapter_configs(model)["default"]
     assert (config.init, config.r, config.alpha) == ("kaiming", 16, 32)
 
 
@@ -198,14 +198,14 @@ def test_tiny_import_from_peft_with_equal_outputs(case, tmp_path):
 
 def test_patterns_and_modules_to_save_map_to_overrides_and_also_train(tmp_path):
     _, got, model = import_round(tiny_gpt2, TINY["gpt2-conv1d-patterns"][3](), token_batch(), tmp_path)
-    config = peftlab.configs(model)["default"]
+    config = peftlab.adapter_configs(model)["default"]
     assert config.overrides == {"transformer.h.1.mlp.c_fc": {"r": 2}, "transformer.h.0.attn.c_attn": {"alpha": 3}}
     sites = peftlab.adapters(model, "default")
     assert sites["transformer.h.1.mlp.c_fc"].A.shape == (2, 32)
     assert sites["transformer.h.0.attn.c_attn"].scale == 3 / 4 and sites["transformer.h.1.attn.c_attn"].scale == 2
 
     _, _, model = import_round(tiny_cnn, TINY["conv2d-modules-to-save"][3](), image_batch(), tmp_path / "cnn")
-    assert peftlab.configs(model)["default"].also_train == ["head"]
+    assert peftlab.adapter_configs(model)["default"].also_train == ["head"]
     assert {"head.weight", "head.bias"} <= set(peftlab.trainable_parameters(model))
 
     # export writes per-site values under exact anchored keys
@@ -223,7 +223,7 @@ def test_untrained_modules_to_save_still_train_after_import(tmp_path):
     peft_model.save_pretrained(tmp_path / "p")  # the pooler copy still equals the base pooler
     model = tiny_bert()
     peftlab.load(model, tmp_path / "p")
-    assert peftlab.configs(model)["default"].also_train == ["pooler.dense"]
+    assert peftlab.adapter_configs(model)["default"].also_train == ["pooler.dense"]
     assert {"pooler.dense.weight", "pooler.dense.bias"} <= set(peftlab.trainable_parameters(model))
 
 
@@ -268,7 +268,7 @@ def test_several_adapters_use_peft_subdirectory_layout(tmp_path):
 
     fresh = tiny_bert()
     peftlab.load(fresh, directory)
-    assert list(peftlab.configs(fresh)) == ["default", "other"]
+    assert list(peftlab.adapter_configs(fresh)) == ["default", "other"]
     peftlab.set_active(fresh, ["other"])
     torch.testing.assert_close(computed(fresh, batch), only_other, **TOL)
 
@@ -326,7 +326,7 @@ def test_peft_adapter_for_another_model(peft_dir):
                                  intermediate_size=64)).eval()
     untouched_after(other, lambda: peftlab.load(other, peft_dir), "made for another model", "48 x 48", "32 x 32")
     gpt2 = tiny_gpt2()
-    untouched_after(gpt2, lambda: peftlab.import_peft(gpt2, peft_dir), "made for another model", "no layer")
+    untouched_after(gpt2, lambda: peftlab.load(gpt2, peft_dir), "made for another model", "no layer")
 
 
 def test_peft_rank_that_contradicts_its_config(peft_dir):

@@ -81,7 +81,7 @@ def test_pruned_lora_is_smaller_and_computes_the_same(tmp_path):
     # and it is an ordinary LoRA: it saves and loads as one
     peftlab.save(fresh, tmp_path / "pruned")
     again = peftlab.load(tiny_bert(), tmp_path / "pruned")
-    assert peftlab.configs(again)["default"].method == "lora"
+    assert peftlab.adapter_configs(again)["default"].method == "lora"
     with torch.no_grad():
         torch.testing.assert_close(output_of(again, batch), expected, atol=1e-5, rtol=1e-5)
 
@@ -93,7 +93,7 @@ def test_prune_in_place_keeps_outputs_and_also_trained_modules():
         expected = output_of(model, batch)
         pooled = model(**batch).pooler_output
     prune(model)
-    assert peftlab.configs(model)["default"].method == "lora"
+    assert peftlab.adapter_configs(model)["default"].method == "lora"
     with torch.no_grad():
         torch.testing.assert_close(output_of(model, batch), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(**batch).pooler_output, pooled, atol=1e-5, rtol=1e-5)

@@ -4,36 +4,73 @@
     ...train...
     peftlab.save(model, "run/adapter")          # or format="peft"
     peftlab.merge(model)                         # W <- W + s B A
+
+Everything a user imports is listed in `__all__` below, one name per operation. The training
+recipe (`peftlab.recipe`), the command line (`peftlab.cli`) and the bench (`peftlab.bench`) are
+built on this surface and are not part of it.
 """
-from .core import (Adapter, adapters, attach, configs, detach, disabled, merge, param_groups, per_example,
+from .core import (Adapter, PeftLoRA, adapter_configs, adapters, attach, detach, disabled, merge, param_groups, per_example,
                    regularization, set_active, step, summary, trainable_parameters, unmerge)
 from .errors import PeftlabError
-from .io import export_peft, import_peft, load, save
-from .registry import MethodConfig, config, from_json, method_class, methods, register
+from .io import load, save
+from .registry import MethodConfig, config, from_json, method_class, register
+
+# Every method's config class, one import per method file.
+from .methods.adalora import AdaLoRA
+from .methods.allora import ALLoRA
+from .methods.corda import CorDA
+from .methods.dora import DoRA
+from .methods.dsee import DSEE
+from .methods.eva import EVA
+from .methods.flora import FLoRA
+from .methods.increlora import IncreLoRA
+from .methods.lamda import LaMDA
+from .methods.loldu import LoLDU
 from .methods.lora import LoRA
+from .methods.lora_ga import LoRAGA
+from .methods.lora_sb import LoRASB
+from .methods.nola import NOLA
+from .methods.randlora import RandLoRA
+from .methods.sora import SoRA
+from .methods.svfit import SVFit
+from .methods.vera import VeRA
+
+# Importing the method files binds the subpackage `peftlab.methods` to the name `methods`;
+# the public function of that name (every registered method name) must win.
+from .registry import methods  # noqa: E402,F811
 
 __all__ = [
-    "Adapter", "LoRA", "MethodConfig", "PeftlabError", "adapters", "attach", "config", "configs", "detach",
-    "disabled", "export_peft", "from_json", "import_peft", "load", "merge", "method_class", "methods",
-    "param_groups", "per_example", "register", "regularization", "save", "set_active", "step", "summary",
-    "trainable_parameters", "unmerge",
+    # attaching and detaching
+    "attach", "detach", "merge", "unmerge", "disabled", "set_active", "per_example",
+    # inspecting what is attached
+    "adapters", "adapter_configs", "summary", "trainable_parameters",
+    # the three training hooks
+    "param_groups", "regularization", "step",
+    # files: peftlab's format, or format="peft"
+    "save", "load",
+    # methods by name, and writing a new one
+    "methods", "config", "method_class", "from_json", "register", "MethodConfig", "Adapter", "PeftLoRA",
+    "PeftlabError",
+    # method configs
+    "AdaLoRA", "ALLoRA", "CorDA", "DoRA", "DSEE", "EVA", "FLoRA", "IncreLoRA", "LaMDA", "LoLDU", "LoRA",
+    "LoRAGA", "LoRASB", "NOLA", "RandLoRA", "SoRA", "SVFit", "VeRA",
 ]
 __version__ = "0.1.0"
 
-# Importing peftlab.methods (the package of method files) binds that package to the name
-# `methods` here; the public function of the same name must win.
-from .registry import methods  # noqa: E402,F811
+# Names of earlier releases, kept working for one release with a warning naming the new call.
+_RENAMED = {
+    "configs": ("adapter_configs", lambda: adapter_configs),
+    "export_peft": ('save(model, directory, format="peft")',
+                    lambda: lambda model, directory, **kw: save(model, directory, format="peft", **kw)),
+    "import_peft": ("load(model, directory)", lambda: load),
+}
 
 
 def __getattr__(name: str):
-    """Every registered config class by its class name: peftlab.DoRA, peftlab.VeRA, ...
+    if name in _RENAMED:
+        import warnings
 
-    Method files register themselves; none of them needs a line in this file.
-    """
-    from .registry import _METHODS, _load_builtin_methods
-
-    _load_builtin_methods()
-    for cls in _METHODS.values():
-        if cls.__name__ == name:
-            return cls
+        new, target = _RENAMED[name]
+        warnings.warn(f"peftlab.{name} is renamed: use peftlab.{new}", DeprecationWarning, stacklevel=2)
+        return target()
     raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

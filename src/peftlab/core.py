@@ -68,6 +68,30 @@ class Adapter(nn.Module):
 
 
 @dataclass
+class PeftLoRA:
+    """An adapter at one site as `peft`'s LoRA layer holds it; peftlab.io.peft writes it as is.
+
+    A method that peft's LoRA layer computes as itself (LoRA, DoRA) returns one from its
+    config's `peft_lora(adapter)`; any other low-rank method is written from its adapters'
+    lora_factors(), as PeftLoRA(A, B) at scale 1.
+
+    peft computes W0 + s B @ A at the site, s = lora_alpha / r (use_rslora: / sqrt(r)),
+    r = A.shape[0]. The method's own scale is stated as its config states it, alpha over rank
+    (over sqrt(rank) with rslora), so that io can write the lora_alpha that gives the same s
+    without a rounding step.
+    """
+
+    A: Tensor  # (r, in): with B, the change of the ORIGINAL weight (a residual init's part included)
+    B: Tensor  # (out, r)
+    alpha: float = 1.0  # scale = alpha / rank, or alpha / sqrt(rank) with rslora
+    rank: int = 1
+    rslora: bool = False
+    dropout: float = 0.0  # on the input at this site (peft: lora_dropout, one value for all sites)
+    tensors: dict[str, Tensor] = field(default_factory=dict)  # more peft tensors by name suffix, e.g.
+    # {"lora_magnitude_vector": m (out,)} for DoRA
+
+
+@dataclass
 class Group:
     """Every adapter attached under one name."""
 
@@ -151,7 +175,9 @@ def _chain(adapter: Adapter, host: nn.Module, base: Callable[[Tensor], Tensor]) 
 # ---- model-level helpers -------------------------------------------------------------------
 
 
-def _state(model: nn.Module, create: bool = False) -> State:
+def state_of(model: nn.Module, create: bool = False) -> State:
+    """The model's `State` (what is attached, what is active); raises when nothing is attached
+    (create=True: makes an empty one)."""
     state = model.__dict__.get("_peftlab")
     if state is None:
         if not create:
@@ -166,7 +192,8 @@ def _slot(host: nn.Module) -> AdapterSlot | None:
     return slot if isinstance(slot, AdapterSlot) else None
 
 
-def _names(state: State, name: str | Iterable[str] | None) -> list[str]:
+def adapter_names(state: State, name: str | Iterable[str] | None) -> list[str]:
+    """The attached names `name` asks for (None: all, in attach order); raises on an unknown one."""
     if name is None:
         return list(state.groups)
     names = [name] if isinstance(name, str) else list(name)
@@ -176,7 +203,7 @@ def _names(state: State, name: str | Iterable[str] | None) -> list[str]:
     return names
 
 
-def _sites(model: nn.Module, config: MethodConfig) -> list[Site]:
+def sites_for(model: nn.Module, config: MethodConfig) -> list[Site]:
     """The sites a config selects, each checked against what the method supports."""
     modules = dict(model.named_modules())
     sites, unsupported = [], []
@@ -208,13 +235,14 @@ def also_train_parameters(model: nn.Module, patterns: list[str]) -> dict[str, nn
     modules = dict(model.named_modules())
     canonical = {id(p): n for n, p in model.named_parameters()}  # tied weights: one name each
     params = {}
-    for name in _select_any(model, patterns):
+    for name in select_modules(model, patterns):
         for p in modules[name].parameters():
             params[canonical[id(p)]] = p
     return params
 
 
-def _select_any(model: nn.Module, patterns: list[str]) -> list[str]:
+def select_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of the modules `also_train` patterns select; raises when none matches."""
     # also_train may name any module (a head, a LayerNorm), not only adaptable layers;
     # keep the outermost match so a parameter is never listed twice.
     chosen: list[str] = []
@@ -256,7 +284,7 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
 def _build(model: nn.Module, config: MethodConfig, name: str, calibration: Any,
            state_dict: dict[str, Tensor] | None) -> tuple[list[Site], dict[str, Adapter], dict[str, nn.Parameter]]:
     """(sites, adapter by site name, also-trained parameters), checked, with the model untouched."""
-    sites = _sites(model, config)
+    sites = sites_for(model, config)
     per_site = {s.name: config.at_site(overrides_for(s.name, s.host, config.overrides)) for s in sites}
     for s in sites:
         per_site[s.name].validate_site(s)
@@ -284,7 +312,7 @@ def _install(model: nn.Module, config: MethodConfig, name: str, sites: list[Site
 
     Nothing here can fail on bad input; `_build` checked it all.
     """
-    state = _state(model, create=True)
+    state = state_of(model, create=True)
     if not state.groups:
         state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
@@ -340,8 +368,8 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None, keep_merge
     model computes what the adapted one did (`peft`'s merge_and_unload). It applies to all
     adapters at once, and is refused, changing nothing, if one has no weight form.
     """
-    state = _state(model)
-    names = _names(state, name)
+    state = state_of(model)
+    names = adapter_names(state, name)
     if keep_merged:
         if set(names) != set(state.groups):
             raise PeftlabError(f"detach(keep_merged=True) removes every adapter at once; attached: "
@@ -414,8 +442,8 @@ def merge(model: nn.Module, name: str | Iterable[str] | None = None, keep_origin
     With keep_original (the default) the pre-merge weight is kept so unmerge is exact; without
     it memory is saved and unmerge subtracts the delta (additive methods only).
     """
-    state = _state(model)
-    names = _names(state, name)
+    state = state_of(model)
+    names = adapter_names(state, name)
     for n in names:  # refuse before touching anything
         group = state.groups[n]
         weightless = [a for a in group.sites.values() if not a.weight_form]
@@ -439,8 +467,8 @@ def merge(model: nn.Module, name: str | Iterable[str] | None = None, keep_origin
 
 def unmerge(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Module:
     """Undo merge: the host weights return to what they were before (exactly, by default)."""
-    state = _state(model)
-    names = _names(state, name)
+    state = state_of(model)
+    names = adapter_names(state, name)
     with torch.no_grad():
         for site, slot in _slots(model):
             for n in reversed(list(slot.merged)):
@@ -460,7 +488,7 @@ def _slots(model: nn.Module) -> Iterator[tuple[str, AdapterSlot]]:
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Within the block the model computes as the base model (also_train modules included)."""
-    state = _state(model)
+    state = state_of(model)
     trained = {}
     for values in state.also_train.values():
         params = dict(model.named_parameters())
@@ -476,8 +504,8 @@ def disabled(model: nn.Module):
 
 def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
     """Choose which attached adapters run (in attach order); only active ones train."""
-    state = _state(model)
-    wanted = _names(state, names)
+    state = state_of(model)
+    wanted = adapter_names(state, names)
     was_active = set(state.active)
     state.active = [n for n in state.groups if n in wanted]
     params = dict(model.named_parameters())
@@ -491,7 +519,7 @@ def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
 @contextlib.contextmanager
 def per_example(model: nn.Module, names: list[str | None]):
     """A mixed batch: example i runs through adapter names[i] alone (None: the base model)."""
-    state = _state(model)
+    state = state_of(model)
     unknown = {n for n in names if n is not None and n not in state.groups}
     if unknown:
         raise PeftlabError(f"per_example names unknown adapters {sorted(unknown)}; attached: {list(state.groups)}")
@@ -504,11 +532,11 @@ def per_example(model: nn.Module, names: list[str | None]):
 
 def adapters(model: nn.Module, name: str) -> dict[str, Adapter]:
     """Site name -> adapter for one attached name."""
-    state = _state(model)
-    return state.groups[_names(state, name)[0]].sites
+    state = state_of(model)
+    return state.groups[adapter_names(state, name)[0]].sites
 
 
-def configs(model: nn.Module) -> dict[str, MethodConfig]:
+def adapter_configs(model: nn.Module) -> dict[str, MethodConfig]:
     """Attached adapter names -> their configs, in attach order."""
     state = model.__dict__.get("_peftlab")
     return {n: g.config for n, g in state.groups.items()} if state else {}
@@ -521,7 +549,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def step(model: nn.Module, step: int) -> None:
     """Call after each optimizer step: methods that change during training act here."""
-    state = _state(model)
+    state = state_of(model)
     for n in state.active:
         group = state.groups[n]
         if group.config.step_hook:
@@ -530,7 +558,7 @@ def step(model: nn.Module, step: int) -> None:
 
 def regularization(model: nn.Module) -> Tensor | None:
     """The sum of the active methods' regularisers (None if none adds one)."""
-    state = _state(model)
+    state = state_of(model)
     terms = [state.groups[n].config.loss(state.groups[n].sites) for n in state.active
              if state.groups[n].config.adds_loss]
     terms = [t for t in terms if t is not None]
@@ -539,7 +567,7 @@ def regularization(model: nn.Module) -> Tensor | None:
 
 def param_groups(model: nn.Module, lr: float) -> list[dict]:
     """Optimizer parameter groups: each active method's own, then also_train parameters."""
-    state = _state(model)
+    state = state_of(model)
     groups = [g for n in state.active for g in state.groups[n].config.param_groups(state.groups[n].sites, lr)]
     params = dict(model.named_parameters())
     extra = [params[k] for n in state.active for k in state.also_train[n] if params[k].requires_grad]

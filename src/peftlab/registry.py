@@ -12,6 +12,7 @@ one site. That is all the core needs to know about a method:
     loss(...)        optional: a regulariser the training loss adds
     param_groups(...) optional: optimizer parameter groups (e.g. a different lr for B)
     run_fields       fields the training recipe fills from the run (total_steps, lr)
+    peft_lora(...), peft_config()  optional: how the `peft` format writes it (see peftlab.io.peft)
 
 Capabilities are declared with class attributes (`needs_calibration`, `step_hook`,
 `adds_loss`), never discovered with hasattr.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .errors import PeftlabError
@@ -28,17 +30,58 @@ from .errors import PeftlabError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor, nn
 
-    from .core import Adapter
+    from .core import Adapter, PeftLoRA
     from .hosts import HostKind
 
 
 @dataclass
 class Site:
-    """One place an adapter attaches to: the host module, its name and its kind."""
+    """One place an adapter attaches to: the host module, its name and its kind.
+
+    It answers the geometry every method asks about, through the kind's (out, in) matrix view of
+    the host weight (see hosts.py), so a method need not know the layer's own layout.
+    """
 
     name: str
     host: "nn.Module"
     kind: "HostKind"
+
+    @property
+    def weight(self) -> "Tensor":
+        """W0 as an (out, in) matrix: a view of the host's weight, in its dtype and device."""
+        return self.kind.matrix(self.host)
+
+    def as_matrix(self, tensor: "Tensor") -> "Tensor":
+        """A tensor in the host weight's own layout (e.g. its gradient) viewed as (out, in), like `weight`."""
+        return self.kind.matrix(SimpleNamespace(weight=tensor))
+
+    @property
+    def in_features(self) -> int:
+        return self.kind.in_features(self.host)
+
+    @property
+    def out_features(self) -> int:
+        return self.kind.out_features(self.host)
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank an (out, in) matrix holds: min(out, in)."""
+        return min(self.in_features, self.out_features)
+
+    def check_rank(self, r: int, method: str = "", field: str = "r",
+                   fix: str = "or an override for this site") -> None:
+        """Refuse a rank the layer cannot hold (r <= min(out, in)), naming the site, the limit and the fix.
+
+        `method` and `field` name what was asked for ("SoRA rank r=64", "init_r=64"); `fix` is what
+        else the user can do beyond lowering `field`.
+        """
+        if r <= self.max_rank:
+            return
+        asked = f"{'rank ' if field == 'r' else ''}{field}={r}"
+        raise PeftlabError(
+            f"{method + ' ' if method else ''}{asked} is larger than {self.name} allows "
+            f"({self.out_features} x {self.in_features}): use {field} <= {self.max_rank}, {fix}"
+        )
 
 
 @dataclass
@@ -106,6 +149,17 @@ class MethodConfig:
         """Optimizer parameter groups for this method's trainable parameters."""
         params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
         return [{"params": params, "lr": lr}]
+
+    # The `peft` format (peftlab.io.peft) writes a method as a plain LoRA of its adapters'
+    # lora_factors() at scale 1. A method peft's LoRA layer computes as itself overrides both.
+
+    def peft_lora(self, adapter: "Adapter") -> "PeftLoRA | None":
+        """One site (self: the site's config, overrides applied) as peft's LoRA layer holds it."""
+        return None
+
+    def peft_config(self) -> dict[str, Any]:
+        """adapter_config.json values peft reads besides the factors (use_dora, use_rslora, lora_dropout)."""
+        return {}
 
     # ---- per-site values and JSON ---------------------------------------------------------
 

@@ -144,15 +144,11 @@ class AdaLoRA(MethodConfig):
         self.check_dropout()
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.init_r > min(fan_in, fan_out):
-            raise PeftlabError(f"init_r={self.init_r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                               f"use init_r <= {min(fan_in, fan_out)}, or an override for this site")
+        site.check_rank(self.init_r, field="init_r")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> AdaLoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = AdaLoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.init_r, self.alpha / self.init_r,
-                                 self.dropout, weight.dtype)
+        adapter = AdaLoRAAdapter(site.kind, site.in_features, site.out_features, self.init_r, self.alpha / self.init_r,
+                                 self.dropout, site.weight.dtype)
         if initialize:
             with torch.no_grad():
                 nn.init.normal_(adapter.Q, std=0.02)

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from ..errors import PeftlabError
 from ..hosts import ALL_KINDS, HostKind
 from ..registry import MethodConfig, Site, register
-from .lora import LoRAAdapter, check_rank, initialise
+from .lora import LoRAAdapter, initialise
 
 GRANULARITIES = ("vector", "matrix")
 FORMS = ("sqrt", "linear")
@@ -120,18 +120,19 @@ class ALLoRA(MethodConfig):
     def validate(self) -> None:
         self.check_positive_int("r")
         if not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) or self.eta <= 0:
-            raise PeftlabError(f"ALLoRA eta must be a positive finite number (the rate of a zero group), got {self.eta!r}")
+            raise PeftlabError(f"ALLoRA eta must be a positive finite number (the rate of a zero group), "
+                               f"got {self.eta!r}")
         if self.granularity not in GRANULARITIES:
             raise PeftlabError(f"ALLoRA granularity {self.granularity!r} is unknown; choose one of {GRANULARITIES}")
         if self.form not in FORMS:
             raise PeftlabError(f"ALLoRA form {self.form!r} is unknown; choose one of {FORMS}")
 
     def validate_site(self, site: Site) -> None:
-        check_rank(site, self.r)
+        site.check_rank(self.r)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> ALLoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = ALLoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, weight.dtype)
+        weight = site.weight
+        adapter = ALLoRAAdapter(site.kind, site.in_features, site.out_features, self.r, weight.dtype)
         if initialize:
             initialise(adapter, "kaiming", weight, None)
             adapter.remember()

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE
 from ..registry import MethodConfig, Site, register
-from .lora import LoRAAdapter
+from .lora import LoRAAdapter, residual_adapter
 
 MODES = ("ipm", "kpm")
 
@@ -50,7 +50,7 @@ def input_covariance(model, sites: list[Site], calibration) -> dict[str, Tensor]
     """
     sums: dict[str, Tensor] = {s.name: 0 for s in sites}
     counts: dict[str, int] = {s.name: 0 for s in sites}
-    device = sites[0].kind.matrix(sites[0].host).device
+    device = sites[0].weight.device
     mask = None
 
     def sequences(x: Tensor) -> list[Tensor]:
@@ -143,22 +143,11 @@ class CorDA(MethodConfig):
         return self.alpha / self.r
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(f"rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                               f"use r <= {min(fan_in, fan_out)}, or an override for this site")
+        site.check_rank(self.r)
 
     def calibrate(self, model, sites: list[Site], calibration) -> dict[str, Tensor]:
         return input_covariance(model, sites, calibration)
 
     def build(self, site: Site, stats: Tensor | None = None, initialize: bool = True) -> LoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = LoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.scale, self.dropout,
-                              weight.dtype)
-        if initialize:
-            A, B = corda_factors(weight.detach(), stats, self.r, self.mode, self.scale)
-            with torch.no_grad():
-                adapter.A.copy_(A)
-                adapter.B.copy_(B)
-        adapter.keep_initial_factors()  # the host holds W0 - s*B0@A0 while attached
-        return adapter
+        factors = corda_factors(site.weight.detach(), stats, self.r, self.mode, self.scale) if initialize else None
+        return residual_adapter(site, self.r, self.scale, self.dropout, factors)

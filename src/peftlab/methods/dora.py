@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..core import PeftLoRA
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE, HostKind
 from ..registry import MethodConfig, Site, register
-from .lora import LoRAAdapter, check_rank, initialise
+from .lora import LoRAAdapter, initialise
 
 INITS = ("kaiming", "gaussian")
 
@@ -172,11 +174,19 @@ class DoRA(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def validate_site(self, site: Site) -> None:
-        check_rank(site, self.r)
+        site.check_rank(self.r)
+
+    def peft_lora(self, adapter: DoRAAdapter) -> PeftLoRA:
+        A, B = adapter.factors_on_original_base()  # PiSSA/OLoRA: rank 2r, see peftlab.io.peft
+        return PeftLoRA(A, B, self.alpha, self.r, self.rslora, self.dropout,
+                        {"lora_magnitude_vector": adapter.m})
+
+    def peft_config(self) -> dict[str, Any]:
+        return {"lora_dropout": self.dropout, "use_rslora": self.rslora, "use_dora": True}
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> DoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = DoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.scale, self.dropout,
+        weight = site.weight
+        adapter = DoRAAdapter(site.kind, site.in_features, site.out_features, self.r, self.scale, self.dropout,
                               weight.dtype)
         if initialize:
             initialise(adapter, self.init, weight, None)

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 from ..core import Adapter
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE, HostKind
+from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
+from .lora import zero_factors
 
 SUPPORTS = ("decomposition", "magnitude", "random")
 
@@ -51,8 +53,8 @@ def lowrank_sparse_residual(weight: Tensor, rank: int, iters: int, threshold: fl
     W = weight.detach().float()
     S = torch.zeros_like(W)
     for _ in range(iters):
-        U, sigma, Vh = torch.linalg.svd(W - S, full_matrices=False)
-        L = U[:, :rank] @ torch.diag(sigma[:rank]) @ Vh[:rank]  # best rank-k fit of what S does not hold
+        U, sigma, Vh = top_r_svd(W - S, rank)
+        L = U @ torch.diag(sigma) @ Vh  # best rank-k fit of what S does not hold
         S = W - L
         S[S.abs() < threshold] = 0
     return S
@@ -75,8 +77,7 @@ class DSEEAdapter(Adapter):
                  dropout: float, dtype: torch.dtype):
         super().__init__(kind)
         self.in_features, self.out_features, self.scale = in_features, out_features, scale
-        self.A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))  # (out, r)
+        self.A, self.B = zero_factors(r, in_features, out_features, dtype)  # (r, in), (out, r)
         self.values = nn.Parameter(torch.zeros(num_sparse, dtype=dtype))  # S on Ω, in the order of `support`
         self.register_buffer("support", torch.zeros(num_sparse, dtype=torch.int64))  # flat indices into (out, in)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -123,21 +124,18 @@ class DSEE(MethodConfig):
         self.check_dropout()
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(f"DSEE rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                               f"use r <= {min(fan_in, fan_out)}")
-        if self.num_sparse > fan_in * fan_out:
-            raise PeftlabError(f"DSEE num_sparse={self.num_sparse} exceeds the {fan_in * fan_out} entries of "
-                               f"{site.name}: use num_sparse <= {fan_in * fan_out}")
+        site.check_rank(self.r, "DSEE")
+        entries = site.in_features * site.out_features
+        if self.num_sparse > entries:
+            raise PeftlabError(f"DSEE num_sparse={self.num_sparse} exceeds the {entries} entries of "
+                               f"{site.name}: use num_sparse <= {entries}")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> DSEEAdapter:
-        weight = site.kind.matrix(site.host)
-        out_features, in_features = weight.shape
-        adapter = DSEEAdapter(site.kind, in_features, out_features, self.r, self.num_sparse, self.alpha / self.r,
-                              self.dropout, weight.dtype)
+        weight = site.weight
+        adapter = DSEEAdapter(site.kind, site.in_features, site.out_features, self.r, self.num_sparse,
+                              self.alpha / self.r, self.dropout, weight.dtype)
         if initialize:
-            rank = max(1, round(self.decomposition_ratio * min(out_features, in_features)))
+            rank = max(1, round(self.decomposition_ratio * site.max_rank))
             support = choose_support(weight, self.num_sparse, self.support, rank, self.decomposition_iters,
                                      self.decomposition_threshold, zlib.crc32(f"{self.seed}/{site.name}".encode()))
             with torch.no_grad():

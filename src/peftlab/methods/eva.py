@@ -47,6 +47,7 @@ from torch import Tensor
 
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE
+from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
 from ..targets import overrides_for
 from .lora import LoRAAdapter
@@ -87,8 +88,7 @@ class IncrementalPCA:
         # Randomised SVD with a fixed seed, without disturbing the caller's random state.
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             torch.manual_seed(self.seed)
-            _, S, V = torch.svd_lowrank(x, q=2 * self.n_components, niter=self.niter)
-        Vt = V.mT
+            _, S, Vt = top_r_svd(x, 2 * self.n_components, self.niter)
         # Deterministic signs: the largest-magnitude entry of each right vector is positive.
         signs = torch.sign(Vt.gather(1, Vt.abs().argmax(1, keepdim=True)))
         return S, Vt * signs
@@ -143,11 +143,10 @@ class EVA(MethodConfig):
         self.check_positive_int("max_batches")
 
     def validate_site(self, site: Site) -> None:
-        fan_in = site.kind.in_features(site.host)
-        if round(self.r * self.rho) > fan_in:
+        if round(self.r * self.rho) > site.in_features:
             raise PeftlabError(
                 f"EVA needs up to round(r * rho) = {round(self.r * self.rho)} input components at {site.name}, "
-                f"which has only {fan_in} inputs: lower r or rho, or override r for this site"
+                f"which has only {site.in_features} inputs: lower r or rho, or override r for this site"
             )
 
     def scale(self, rank: int) -> float:
@@ -187,7 +186,7 @@ class EVA(MethodConfig):
 
     def _forward(self, model, sites: list[Site], batch: dict, listen) -> None:
         """Run one batch; listen(site_name, rows) sees each site's input rows."""
-        device = sites[0].kind.matrix(sites[0].host).device
+        device = sites[0].weight.device
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         mask = self._mask(batch)
 
@@ -280,7 +279,6 @@ class EVA(MethodConfig):
     # ---- build ------------------------------------------------------------------------------
 
     def build(self, site: Site, stats: Tensor | None = None, initialize: bool = True) -> LoRAAdapter:
-        weight = site.kind.matrix(site.host)
         if initialize:
             rank = stats.shape[0]
         elif site.name in self.ranks:
@@ -290,9 +288,9 @@ class EVA(MethodConfig):
                 f"this EVA config has no rank for {site.name}: ranks are chosen by calibration; "
                 "load an adapter saved after attach(..., calibration=...), or attach with calibration data"
             )
-        adapter = LoRAAdapter(site.kind, weight.shape[1], weight.shape[0], rank, self.scale(rank), self.dropout,
-                              weight.dtype)
+        adapter = LoRAAdapter(site.kind, site.in_features, site.out_features, rank, self.scale(rank), self.dropout,
+                              site.weight.dtype)
         if initialize:
             with torch.no_grad():
-                adapter.A.copy_(stats.to(weight.dtype))  # B stays 0: the output is unchanged at init
+                adapter.A.copy_(stats.to(site.weight.dtype))  # B stays 0: the output is unchanged at init
         return adapter

@@ -118,12 +118,12 @@ class FLoRA(MethodConfig):
         """(out, in channels, kernel size) of a host; kernel () for linear hosts."""
         if site.kind.name == "conv2d":
             return site.host.out_channels, site.host.in_channels, tuple(site.host.kernel_size)
-        return site.kind.out_features(site.host), site.kind.in_features(site.host), ()
+        return site.out_features, site.in_features, ()
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> FLoRAAdapter:
         out_features, in_channels, kernel = self._dims(site)
         adapter = FLoRAAdapter(site.kind, out_features, in_channels, kernel, self.r, self.kernel_r, self.alpha / self.r,
-                               self.dropout, site.kind.matrix(site.host).dtype)
+                               self.dropout, site.weight.dtype)
         if initialize:
             adapter.initialise()
         return adapter

@@ -212,17 +212,11 @@ class IncreLoRA(MethodConfig):
         return OFFICIAL_RANK_STEP.get(self.target_rank, max(1, self.target_rank // 2))
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.capacity > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"IncreLoRA max_rank={self.capacity} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"set max_rank <= {min(fan_in, fan_out)} (or a smaller target_rank)"
-            )
+        site.check_rank(self.capacity, "IncreLoRA", field="max_rank", fix="or a smaller target_rank")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> IncreLoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = IncreLoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.capacity, self.alpha,
-                                   self.dropout, weight.dtype)
+        adapter = IncreLoRAAdapter(site.kind, site.in_features, site.out_features, self.r, self.capacity, self.alpha,
+                                   self.dropout, site.weight.dtype)
         if initialize:
             adapter.initialise()
         return adapter

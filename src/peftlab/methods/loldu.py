@@ -106,16 +106,11 @@ class LoLDU(MethodConfig):
         self.check_positive_int("r")
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"LoLDU rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"use r <= {min(fan_in, fan_out)}, or an override for this site"
-            )
+        site.check_rank(self.r, "LoLDU")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> LoLDUAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = LoLDUAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.alpha / self.r,
+        weight = site.weight
+        adapter = LoLDUAdapter(site.kind, site.in_features, site.out_features, self.r, self.alpha / self.r,
                                self.train_scale, weight.dtype)
         if initialize:
             adapter.initialise(weight)

@@ -22,16 +22,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..core import Adapter
+from ..core import Adapter, PeftLoRA
 from ..errors import PeftlabError
 from ..hosts import ALL_KINDS, HostKind
+from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
+
+
+def zero_factors(r: int, in_features: int, out_features: int, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
+    """LoRA's trained pair, zero until an init fills it: A (r, in), B (out, r)."""
+    return (nn.Parameter(torch.zeros(r, in_features, dtype=dtype)),
+            nn.Parameter(torch.zeros(out_features, r, dtype=dtype)))
 
 
 class LoRAAdapter(Adapter):
@@ -39,8 +47,7 @@ class LoRAAdapter(Adapter):
                  dropout: float, dtype: torch.dtype):
         super().__init__(kind)
         self.scale = scale
-        self.A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))  # (out, r)
+        self.A, self.B = zero_factors(r, in_features, out_features, dtype)  # (r, in), (out, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 and not kind.index_input else nn.Identity()
         self.has_residual = False
 
@@ -73,16 +80,6 @@ class LoRAAdapter(Adapter):
         return A, self.scale * B
 
 
-def check_rank(site: Site, r: int) -> None:
-    """Refuse a rank the layer cannot hold: r <= min(in, out)."""
-    fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-    if r > min(fan_in, fan_out):
-        raise PeftlabError(
-            f"rank r={r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-            f"use r <= {min(fan_in, fan_out)}, or an override for this site"
-        )
-
-
 def initialise(adapter: LoRAAdapter, init: str, weight: Tensor, svd_niter: int | None) -> None:
     """Fill A and B in place. `weight` is the host matrix W0, (out, in)."""
     A, B, s, r = adapter.A, adapter.B, adapter.scale, adapter.A.shape[0]
@@ -98,13 +95,7 @@ def initialise(adapter: LoRAAdapter, init: str, weight: Tensor, svd_niter: int |
             nn.init.normal_(A, std=1 / r)
             B.zero_()
         elif init == "pissa":
-            w = weight.detach().float()
-            if svd_niter is None:
-                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-                U, S, Vh = U[:, :r], S[:r], Vh[:r]
-            else:
-                U, S, V = torch.svd_lowrank(w, r, niter=svd_niter)
-                Vh = V.T
+            U, S, Vh = top_r_svd(weight.detach().float(), r, svd_niter)
             S = S / s  # so that s * B @ A equals the top-r part of W0
             A.copy_(torch.diag(S.sqrt()) @ Vh)
             B.copy_(U @ torch.diag(S.sqrt()))
@@ -114,6 +105,22 @@ def initialise(adapter: LoRAAdapter, init: str, weight: Tensor, svd_niter: int |
             B.copy_(Q[:, :r])
     if init in ("pissa", "olora"):
         adapter.keep_initial_factors()
+
+
+def residual_adapter(site: Site, r: int, scale: float, dropout: float,
+                     factors: tuple[Tensor, Tensor] | None) -> LoRAAdapter:
+    """A LoRA adapter starting from given factors (A (r, in), B (out, r)) that move out of the host.
+
+    For data-driven inits (CorDA, LoRA-GA): the host holds W0 - s*B0@A0 while attached, so the
+    output is unchanged at init. factors=None builds the shapes only, for saved values to fill.
+    """
+    adapter = LoRAAdapter(site.kind, site.in_features, site.out_features, r, scale, dropout, site.weight.dtype)
+    if factors is not None:
+        with torch.no_grad():
+            adapter.A.copy_(factors[0])
+            adapter.B.copy_(factors[1])
+    adapter.keep_initial_factors()
+    return adapter
 
 
 @register("lora", pissa={"init": "pissa"}, olora={"init": "olora"}, rslora={"rslora": True})
@@ -140,13 +147,21 @@ class LoRA(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def validate_site(self, site: Site) -> None:
-        check_rank(site, self.r)
+        site.check_rank(self.r)
         if self.init in ("pissa", "olora") and site.kind.index_input:
-            raise PeftlabError(f"init {self.init!r} needs a weight matrix input; {site.name} is an embedding: exclude it")
+            raise PeftlabError(f"init {self.init!r} needs a weight matrix input; {site.name} is an embedding: "
+                               "exclude it")
+
+    def peft_lora(self, adapter: LoRAAdapter) -> PeftLoRA:
+        A, B = adapter.factors_on_original_base()  # PiSSA/OLoRA: rank 2r, see peftlab.io.peft
+        return PeftLoRA(A, B, self.alpha, self.r, self.rslora, self.dropout)
+
+    def peft_config(self) -> dict[str, Any]:
+        return {"lora_dropout": self.dropout, "use_rslora": self.rslora}
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> LoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = LoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.scale, self.dropout,
+        weight = site.weight
+        adapter = LoRAAdapter(site.kind, site.in_features, site.out_features, self.r, self.scale, self.dropout,
                               weight.dtype)
         if initialize:
             initialise(adapter, self.init, weight, self.svd_niter)

@@ -31,7 +31,6 @@ to rounding when its SVD is made exact, and up to the accuracy of its randomised
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +38,9 @@ from torch import Tensor
 
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE
+from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
-from .lora import LoRAAdapter
+from .lora import LoRAAdapter, residual_adapter
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -78,15 +78,13 @@ def mean_gradients(model, sites: list[Site], calibration) -> dict[str, Tensor]:
         model.train(was_training)
     if count == 0:
         raise PeftlabError("LoRA-GA got no calibration batches: pass calibration=[batch, ...] with labels")
-    # The gradient has the parameter's layout; the host kind views it as (out, in) like the weight.
-    return {s.name: s.kind.matrix(types.SimpleNamespace(weight=total / count)) for s, total in zip(sites, totals)}
+    return {s.name: s.as_matrix(total / count) for s, total in zip(sites, totals)}
 
 
 def lora_ga_factors(grad: Tensor, weight: Tensor, r: int, direction: str, scale_mode: str, stable_gamma: float,
                     scale: float) -> tuple[Tensor, Tensor]:
     """(A (r, in), B (out, r)) from the gradient's top 2r singular triplets."""
-    U, S, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
-    U, S, Vh = U[:, : 2 * r], S[: 2 * r], Vh[: 2 * r]  # (out, 2r), (2r,), (2r, in)
+    U, S, Vh = top_r_svd(grad.float(), 2 * r)  # (out, 2r), (2r,), (2r, in)
     if direction == "ArB2r":
         a_rows, b_cols = torch.arange(r), torch.arange(r, 2 * r)
     elif direction == "A2rBr":
@@ -136,23 +134,17 @@ class LoRAGA(MethodConfig):
         return self.alpha / self.r
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if 2 * self.r > min(fan_in, fan_out):
+        if 2 * self.r > site.max_rank:
             raise PeftlabError(f"LoRA-GA takes 2r = {2 * self.r} gradient components, more than {site.name} has "
-                               f"({fan_out} x {fan_in}): use r <= {min(fan_in, fan_out) // 2}, or an override")
+                               f"({site.out_features} x {site.in_features}): use r <= {site.max_rank // 2}, "
+                               "or an override")
 
     def calibrate(self, model, sites: list[Site], calibration) -> dict[str, Tensor]:
         return mean_gradients(model, sites, calibration)
 
     def build(self, site: Site, stats: Tensor | None = None, initialize: bool = True) -> LoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = LoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.scale, self.dropout,
-                              weight.dtype)
+        factors = None
         if initialize:
-            A, B = lora_ga_factors(stats, weight.detach(), self.r, self.direction, self.scale_mode,
-                                   self.stable_gamma, self.scale)
-            with torch.no_grad():
-                adapter.A.copy_(A)
-                adapter.B.copy_(B)
-        adapter.keep_initial_factors()  # the host holds W0 - s*B0@A0 while attached
-        return adapter
+            factors = lora_ga_factors(stats, site.weight.detach(), self.r, self.direction, self.scale_mode,
+                                      self.stable_gamma, self.scale)
+        return residual_adapter(site, self.r, self.scale, self.dropout, factors)

@@ -24,7 +24,6 @@ The SVD is exact (the official code uses a randomised SVD; `svd_niter` selects t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from ..core import Adapter
 from ..errors import PeftlabError
 from ..hosts import HostKind
+from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
 
 
@@ -49,13 +49,7 @@ class LoRASBAdapter(Adapter):
 
     def initialise(self, update: Tensor, svd_niter: int | None) -> None:
         """Set B R A to the best rank-r approximation of `update` (out, in)."""
-        r = self.R.shape[0]
-        if svd_niter is None:
-            U, S, Vh = torch.linalg.svd(update, full_matrices=False)
-            U, S, Vh = U[:, :r], S[:r], Vh[:r]
-        else:
-            U, S, V = torch.svd_lowrank(update, r, niter=svd_niter)
-            Vh = V.T
+        U, S, Vh = top_r_svd(update, self.R.shape[0], svd_niter)
         with torch.no_grad():
             self.B.copy_(U)
             self.R.copy_(torch.diag(S))
@@ -107,8 +101,7 @@ def weight_gradients(model: nn.Module, sites: list[Site], calibration: Any) -> d
         model.train(was_training)
     if batches == 0:
         raise PeftlabError("calibration gave no batches: pass a non-empty iterable of model input dicts")
-    # Each HostKind reads its (out, in) matrix from `.weight`: the same view turns a gradient into one.
-    return {s.name: s.kind.matrix(SimpleNamespace(weight=g)) for s, g in zip(sites, sums)}
+    return {s.name: s.as_matrix(g) for s, g in zip(sites, sums)}
 
 
 @register("lora_sb")
@@ -134,12 +127,7 @@ class LoRASB(MethodConfig):
         self.check_positive_int("total_steps", optional=True)
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"LoRA-SB rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"use r <= {min(fan_in, fan_out)}, or an override for this site"
-            )
+        site.check_rank(self.r, "LoRA-SB")
 
     def effective_lr(self) -> float:
         if self.total_steps is None:
@@ -156,8 +144,7 @@ class LoRASB(MethodConfig):
         return weight_gradients(model, sites, calibration)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> LoRASBAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = LoRASBAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.dropout, weight.dtype)
+        adapter = LoRASBAdapter(site.kind, site.in_features, site.out_features, self.r, self.dropout, site.weight.dtype)
         if initialize:
             adapter.initialise(self.first_update(stats), self.svd_niter)
         return adapter

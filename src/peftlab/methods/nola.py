@@ -147,13 +147,9 @@ class NOLA(MethodConfig):
         self.check_dropout()
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(f"NOLA rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                               f"use r <= {min(fan_in, fan_out)}, or an override for this site")
+        site.check_rank(self.r, "NOLA")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> NOLAAdapter:
-        weight = site.kind.matrix(site.host)
         site_seed = stream_seed(self.seed, site.name)
-        return NOLAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.num_basis, self.alpha / self.r,
-                           site_seed, self.dropout, self.bases_in_memory, weight.dtype)
+        return NOLAAdapter(site.kind, site.in_features, site.out_features, self.r, self.num_basis, self.alpha / self.r,
+                           site_seed, self.dropout, self.bases_in_memory, site.weight.dtype)

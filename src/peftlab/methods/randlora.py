@@ -34,7 +34,6 @@ peft's bases on layers of mixed shapes.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +43,9 @@ from ..core import Adapter
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE, HostKind
 from ..registry import MethodConfig, Site, register
-from .vera import basis_shape_at, check_basis_shape, check_fits_basis
+from .vera import basis_shape_at, cached_pair, check_bases_config, check_fits_basis, keep_seed
 
 BASES = ("dense", "sparse", "very_sparse")
-
-# (seed, out_max, in_max, r, kind, dtype, "A"|"B") -> full-size basis; views keep their base alive.
-_BASES: "weakref.WeakValueDictionary[tuple, Tensor]" = weakref.WeakValueDictionary()
 
 
 def _num_bases(min_dim: int, r: int) -> int:
@@ -86,12 +82,11 @@ def make_bases(seed: int, out_max: int, in_max: int, r: int, kind: str) -> tuple
 
 
 def shared_bases(seed: int, out_max: int, in_max: int, r: int, kind: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    key = (seed, out_max, in_max, r, kind, dtype)
-    A, B = _BASES.get(key + ("A",)), _BASES.get(key + ("B",))
-    if A is None or B is None:
-        A, B = (t.to(dtype) for t in make_bases(seed, out_max, in_max, r, kind))
-        _BASES[key + ("A",)], _BASES[key + ("B",)] = A, B
-    return A, B
+    def make() -> tuple[Tensor, Tensor]:
+        A, B = make_bases(seed, out_max, in_max, r, kind)
+        return A.to(dtype), B.to(dtype)
+
+    return cached_pair(("randlora", seed, out_max, in_max, r, kind, dtype), make)
 
 
 class RandLoRAAdapter(Adapter):
@@ -104,10 +99,7 @@ class RandLoRAAdapter(Adapter):
         self.lam = nn.Parameter(torch.zeros(r, n, dtype=dtype))  # λ_j as columns; 0: identity at init
         self.gamma = nn.Parameter(torch.full((n, self.min_dim), 1 / max(n, self.min_dim), dtype=dtype))  # γ_j rows
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
-        self.register_buffer("basis_shape", torch.tensor(basis_shape, dtype=torch.int64))
-        self.regenerate_bases()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.regenerate_bases())
+        keep_seed(self, seed, basis_shape)
 
     def regenerate_bases(self) -> None:
         out_max, in_max = self.basis_shape.tolist()
@@ -150,16 +142,13 @@ class RandLoRA(MethodConfig):
     trainable_formula = "n * (r + min(in, out)) per site, n = ceil(min(in, out) / r)"
 
     def validate(self) -> None:
-        self.check_positive_int("r")
-        self.check_dropout()
+        check_bases_config(self)
         if self.bases not in BASES:
             raise PeftlabError(f"RandLoRA bases {self.bases!r} is unknown; choose one of {BASES}")
-        check_basis_shape(self)
 
     def validate_site(self, site: Site) -> None:
         check_fits_basis(self, site)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> RandLoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        return RandLoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.alpha / self.r, self.seed,
-                               basis_shape_at(self, site), self.bases, self.dropout, weight.dtype)
+        return RandLoRAAdapter(site.kind, site.in_features, site.out_features, self.r, self.alpha / self.r, self.seed,
+                               basis_shape_at(self, site), self.bases, self.dropout, site.weight.dtype)

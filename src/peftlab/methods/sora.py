@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core import ADAPTERS, Adapter, also_train_parameters, adapters as adapters_of, attach, configs, detach
+from ..core import ADAPTERS, Adapter, also_train_parameters, adapters as adapters_of, attach, adapter_configs, detach
 from ..errors import PeftlabError
 from ..hosts import HostKind
 from ..registry import MethodConfig, Site, register
-from .lora import LoRA
+from .lora import LoRA, zero_factors
 
 
 class SoRAAdapter(Adapter):
@@ -44,8 +44,7 @@ class SoRAAdapter(Adapter):
                  dropout: float, dtype: torch.dtype):
         super().__init__(kind)
         self.scale = scale
-        self.A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype))  # (r, in)
-        self.B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))  # (out, r)
+        self.A, self.B = zero_factors(r, in_features, out_features, dtype)  # (r, in), (out, r)
         self.gate = nn.Parameter(torch.zeros(r, dtype=dtype))  # (r,)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -95,17 +94,11 @@ class SoRA(MethodConfig):
             raise PeftlabError(f"SoRA xi and l1 must be >= 0, got xi={self.xi!r}, l1={self.l1!r}")
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.r > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"SoRA rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"use r <= {min(fan_in, fan_out)}, or an override for this site"
-            )
+        site.check_rank(self.r, "SoRA")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> SoRAAdapter:
-        weight = site.kind.matrix(site.host)
-        adapter = SoRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.alpha / self.r,
-                              self.dropout, weight.dtype)
+        adapter = SoRAAdapter(site.kind, site.in_features, site.out_features, self.r, self.alpha / self.r,
+                              self.dropout, site.weight.dtype)
         if initialize:
             adapter.initialise()
         return adapter
@@ -134,7 +127,7 @@ def to_lora(model: nn.Module, name: str = "default") -> tuple[LoRA, dict[str, Te
     The tensors are keyed as in the model, ready for `peftlab.attach(base, config, name,
     state_dict=tensors)` on a model without adapter `name`.
     """
-    config, sites = configs(model).get(name), adapters_of(model, name)
+    config, sites = adapter_configs(model).get(name), adapters_of(model, name)
     if not isinstance(config, SoRA):
         raise PeftlabError(f"adapter {name!r} is {config.method!r}, not SoRA: to_lora converts SoRA adapters only")
     targets, overrides, tensors = [], {}, {}

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..core import Adapter
 from ..errors import PeftlabError
 from ..hosts import HostKind
+from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
 
 
@@ -89,22 +90,18 @@ class SVFit(MethodConfig):
             raise PeftlabError(f"SVFit energy must be in (0, 1], e.g. 0.99, got {self.energy!r}")
 
     def validate_site(self, site: Site) -> None:
-        fan_in, fan_out = site.kind.in_features(site.host), site.kind.out_features(site.host)
-        if self.energy is None and self.r > min(fan_in, fan_out):
-            raise PeftlabError(
-                f"SVFit rank r={self.r} is larger than {site.name} allows ({fan_out} x {fan_in}): "
-                f"use r <= {min(fan_in, fan_out)}, set energy=..., or an override for this site"
-            )
+        if self.energy is None:  # with energy set, each site chooses a rank it can hold
+            site.check_rank(self.r, "SVFit", fix="set energy=..., or an override for this site")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> SVFitAdapter:
-        weight = site.kind.matrix(site.host)
+        weight = site.weight
         r = self.r
-        if initialize:
-            U, S, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        if initialize:  # with energy set, every triplet is a candidate until the energy picks r
+            U, S, Vh = top_r_svd(weight.detach().float(), r if self.energy is None else site.max_rank)
             r = energy_rank(S, self.energy) if self.energy is not None else r
         elif self.energy is not None:
             r = energy_rank(torch.linalg.svdvals(weight.detach().float()), self.energy)
-        adapter = SVFitAdapter(site.kind, weight.shape[1], weight.shape[0], r, weight.dtype)
+        adapter = SVFitAdapter(site.kind, site.in_features, site.out_features, r, weight.dtype)
         if initialize:
             adapter.initialise(U, S, Vh)
         return adapter

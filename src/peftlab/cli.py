@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 
 from .errors import PeftlabError
@@ -69,18 +68,14 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import config, trainer as train
+    from .recipe import config, rundir, trainer as train
 
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"output={args.output}")
     base = None
-    if args.resume:  # resume a run by its directory: its saved config is the base
-        saved = pathlib.Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise PeftlabError(f"--resume {args.resume}: no run there (no config.yaml); "
-                               "give the directory `peftlab train` printed")
-        base = config.merge(config.default_dict(), config.read_yaml(saved))
+    if args.resume:  # a run named by its directory: its saved config is the base (rundir decides the rest)
+        base = rundir.resumed_config(args.resume)
         overrides.append(f"output={args.resume}")
     run = config.build(args.config, overrides, base=base)
     if args.print_config:

@@ -1,6 +1,6 @@
 """How a loaded model becomes trainable, seen from the training recipe.
 
-The recipe (train.py) needs five things from whatever made a model trainable, and nothing
+The recipe (trainer.py) needs five things from whatever made a model trainable, and nothing
 else; they are an `Adaptation`:
 
     model            the module the Trainer trains (the loaded model, or a wrapper around it)
@@ -9,7 +9,8 @@ else; they are an `Adaptation`:
     regularization() a term added to the training loss, or None
     after_step(step) called after each optimizer step, or None
 
-peftlab's own way is `attach` (`of_peftlab`). Two baselines are ordinary run configs too,
+peftlab's own way is `attach`: `of_method` attaches the run's method section, `of_peftlab`
+wraps a model with a method attached already. Two baselines are ordinary run configs too,
 `method: {name: head-only}` and `method: {name: full}` (`baseline`), and `peftlab.peer`
 trains the same methods through the `peft` library. All of them run through one loop, so a
 comparison between them differs only in the adaptation.
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
 from ..errors import PeftlabError
+
+ADAPTER_NAME = "default"  # the name a run's adapter is attached (and saved) under
 
 # Baselines: not adapter methods (they are not in the registry), but run configs like any other.
 BASELINES = ("head-only", "full")
@@ -57,6 +60,26 @@ def of_peftlab(model: nn.Module, method) -> Adaptation:
         regularization=lambda: core.regularization(model),
         after_step=(lambda step: core.step(model, step)) if method.step_hook else None,
     )
+
+
+def of_method(model: nn.Module, method: dict[str, Any], head: str | None, calibrate: Callable[[], list[dict]],
+              adapter_state: dict | None = None) -> Adaptation:
+    """The run's method section attached to the loaded model.
+
+    `head` (a classifier's new head) trains in full and is saved with the adapter. `calibrate()`
+    gives the batches data-driven initialisations read; `adapter_state` (on resume) fills the
+    adapters with saved values instead, so those initialisations do not run again.
+    """
+    from .. import core
+    from ..registry import config as method_config
+
+    fields = {k: v for k, v in method.items() if k != "name"}
+    if head is not None:
+        fields["also_train"] = list(dict.fromkeys([*fields.get("also_train", []), head]))
+    config = method_config(method["name"], **fields)
+    calibration = calibrate() if config.needs_calibration and adapter_state is None else None
+    core.attach(model, config, ADAPTER_NAME, calibration=calibration, state_dict=adapter_state)
+    return of_peftlab(model, config)
 
 
 def baseline(name: str, model: nn.Module, head: str | None) -> Adaptation:

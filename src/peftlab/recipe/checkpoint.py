@@ -32,42 +32,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import PeftlabError
+from ..io import files
 
 PREFIX = "checkpoint-"
 
 
-# ---- small atomic file helpers ---------------------------------------------------------------
-
-
-def write_json(path: pathlib.Path, data: Any) -> None:
-    """Write JSON next to `path`, then rename it over `path`: readers see the old file or the new one."""
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(scratch, path)
-
-
-def _fsync_tree(folder: pathlib.Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def commit(scratch: pathlib.Path, target: pathlib.Path) -> None:
-    """Flush `scratch` and rename it to `target` (replacing an older `target` safely)."""
-    _fsync_tree(scratch)
-    if target.exists():
-        trash = target.with_name(f".trash-{target.name}-{os.getpid()}")
-        os.rename(target, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.rename(scratch, target)
+# ---- the scratch directory a checkpoint is written into ----------------------------------------
 
 
 def scratch_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
+    """A fresh hidden `.tmp-<name>-<pid>` in `parent`: a killed save leaves it for remove_leftovers."""
     parent.mkdir(parents=True, exist_ok=True)
     scratch = parent / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -146,14 +120,14 @@ def save(folder: pathlib.Path, step: int, model: torch.nn.Module, optimizer, sch
     save_file(trainable_state(model), scratch / "trainable.safetensors")
     tensors, meta = optimizer_state(optimizer)
     save_file(tensors, scratch / "optimizer.safetensors")
-    write_json(scratch / "optimizer.json", meta)
-    write_json(scratch / "scheduler.json", scheduler.state_dict())
+    files.write_json(scratch / "optimizer.json", meta, sort_keys=True)
+    files.write_json(scratch / "scheduler.json", scheduler.state_dict(), sort_keys=True)
     save_file({f"{rank}.{k}": v for rank, (t, _) in enumerate(rng_per_process) for k, v in t.items()},
               scratch / "rng.safetensors")
-    write_json(scratch / "rng.json", [m for _, m in rng_per_process])
+    files.write_json(scratch / "rng.json", [m for _, m in rng_per_process], sort_keys=True)
     (scratch / "trainer_state.json").write_text(trainer_state_json, encoding="utf-8")
     target = folder / name
-    commit(scratch, target)
+    files.publish_directory(scratch, target)
     for old in sorted_checkpoints(folder)[:-keep]:
         trash = old.with_name(f".trash-{old.name}")
         os.rename(old, trash)

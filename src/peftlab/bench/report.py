@@ -19,6 +19,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from ..io import files
 from .runner import metric_value, read_invocations, read_records
 from .suite import BASELINES, Suite
 
@@ -443,7 +444,7 @@ def embed(page: pathlib.Path, suite: Suite, report: pathlib.Path) -> None:
     body = "\n".join(tables).replace("](", f"]({prefix}/").strip()
     head, rest = text.split(start)
     tail = rest.split(end)[1]
-    page.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
+    files.write_text(page, f"{head}{start}\n{body}\n{end}{tail}")
 
 
 def write_report(suite: Suite, results_dir: pathlib.Path) -> pathlib.Path:
@@ -451,5 +452,5 @@ def write_report(suite: Suite, results_dir: pathlib.Path) -> pathlib.Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     plots = plot(suite, records, results_dir)
     path = results_dir / "report.md"
-    path.write_text(markdown(suite, records, plots, read_invocations(results_dir)), encoding="utf-8")
+    files.write_text(path, markdown(suite, records, plots, read_invocations(results_dir)))
     return path

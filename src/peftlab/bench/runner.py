@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import PeftlabError
+from ..io import files
 from . import suite as suites
 from .suite import Job, Suite
 
@@ -43,9 +44,7 @@ def record_path(results_dir: pathlib.Path, job: Job) -> pathlib.Path:
 def write_record(path: pathlib.Path, record: dict[str, Any]) -> None:
     """Atomically: a bench killed mid-write leaves the old record or none, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(scratch, path)
+    files.write_json(path, record, sort_keys=True, default=str)
 
 
 def read_record(path: pathlib.Path) -> dict[str, Any] | None:

@@ -274,6 +274,19 @@ def _overrides(suite: str, value: Any, tasks: dict[str, dict]) -> dict[str, dict
 # ---- the plan ----------------------------------------------------------------------------------
 
 
+def _narrowed(suite: Suite, option: str, available: list, wanted: list | None, shown: str) -> list:
+    """`available` kept to `wanted`, in the suite's order (all of it when `wanted` is empty).
+
+    A wanted item the suite lacks is refused, naming what it has (`shown`).
+    """
+    if not wanted:
+        return list(available)
+    missing = sorted(set(wanted) - set(available))
+    if missing:
+        raise PeftlabError(f"{option} {missing} are not in suite {suite.name}; it has: {shown}")
+    return [item for item in available if item in wanted]
+
+
 def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: list[str] | None = None,
          tasks: list[str] | None = None, only: list[str] | None = None, seeds: list[int] | None = None,
          peers: bool = True) -> list[Job]:
@@ -284,22 +297,10 @@ def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: l
     `only` keeps jobs whose name starts with any of the given strings; `peers=False` leaves the
     `peft` runs out. A final run always keeps the selection runs that decide its learning rate.
     """
-    chosen = suite.method_names(registered)
-    if methods:
-        missing = sorted(set(methods) - set(chosen))
-        if missing:
-            raise PeftlabError(f"--methods {missing} are not in suite {suite.name}; it has: {', '.join(chosen)}")
-        chosen = [m for m in chosen if m in methods]
-    task_names = list(suite.tasks)
-    if tasks:
-        missing = sorted(set(tasks) - set(task_names))
-        if missing:
-            raise PeftlabError(f"--tasks {missing} are not in suite {suite.name}; it has: {', '.join(task_names)}")
-        task_names = [t for t in task_names if t in tasks]
-    if seeds:
-        missing = sorted(set(seeds) - set(suite.seeds))
-        if missing:
-            raise PeftlabError(f"--seeds {missing} are not in suite {suite.name}; it has: {suite.seeds}")
+    all_methods = suite.method_names(registered)
+    chosen = _narrowed(suite, "--methods", all_methods, methods, ", ".join(all_methods))
+    task_names = _narrowed(suite, "--tasks", list(suite.tasks), tasks, ", ".join(suite.tasks))
+    _narrowed(suite, "--seeds", suite.seeds, seeds, str(suite.seeds))  # checked only: seeds filter below
 
     jobs: list[Job] = []
     if suite.forgetting is not None:

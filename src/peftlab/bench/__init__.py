@@ -2,7 +2,7 @@
 
     peftlab bench SUITE [--methods a,b] [--tasks t] [--seeds 0,1] [--only TEXT] [--no-peers]
                         [--workers N] [--dry-run]
-    peftlab bench report SUITE [--embed README.md]
+    peftlab bench report SUITE [--embed PAGE]
     python -m peftlab.bench ...            (the same, without the peftlab command)
 
 SUITE is a name in bench/suites/ (quick, standard, lm) or the path of a suite .yaml file.
@@ -11,7 +11,7 @@ and the report to bench/results/<suite>/report.md with its plots.
 
 The pieces: suite.py (the YAML schema and the plan of jobs), runner.py (the resumable loop,
 records, learning-rate selection, progress line), execute.py (one real run in a child
-process), report.py (the Markdown table and plots), and ../peer.py (the `peft` runs).
+process), report.py (the Markdown table and plots), and ../recipe/peer.py (the `peft` runs).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", help="where run directories go (default: runs/bench/<suite>)")
     parser.add_argument("--no-report", action="store_true", help="do not write the report after running")
     parser.add_argument("--embed", metavar="PAGE",
-                        help="also copy the report's tables into PAGE (e.g. README.md) between the lines "
+                        help="also copy the report's tables into PAGE (e.g. docs/findings.md) between the lines "
                              "<!-- bench:SUITE --> and <!-- /bench:SUITE -->")
 
 

@@ -2,7 +2,7 @@
 
 A peer run is an ordinary run of the training recipe (same model, data, split, seed, batches,
 optimizer, schedule and learning rate) whose model is adapted by `peft` instead of peftlab:
-`adapt(model, run, calibration)` is handed to the recipe (train.Hooks.adapt) and returns an
+`adapt(model, run, calibration)` is handed to the recipe (trainer.Hooks.adapt) and returns an
 `Adaptation` holding the `peft.PeftModel`.
 
 The run config's method section is a peftlab config (`{name: dora, r: 8, ...}`); `METHODS`
@@ -221,7 +221,7 @@ def plan_for(run, model: nn.Module, head: str | None) -> PeerPlan:
 
 
 def adapt(model: nn.Module, run, calibration: Callable[[], list[dict]]) -> Adaptation:
-    """train.Hooks.adapt for peer runs: the model adapted by `peft` with the run's method."""
+    """trainer.Hooks.adapt for peer runs: the model adapted by `peft` with the run's method."""
     from peft import get_peft_model
 
     from .models import head_name

@@ -1,10 +1,11 @@
-"""The command line: `peftlab train | eval | merge | export | methods`.
+"""The command line: `peftlab train | eval | merge | export | methods | bench`.
 
     peftlab train [CONFIG.yaml] [--set key=value ...] [--output DIR] [--resume [RUN_DIR]] [--overwrite]
     peftlab eval RUN_DIR [--data TASK_OR_FILE] [--split test|validation|train]
     peftlab merge RUN_DIR --out DIR
     peftlab export RUN_DIR --format peft --out DIR
     peftlab methods
+    peftlab bench SUITE ... | bench report SUITE [--embed PAGE]     (see peftlab.bench)
 
 Bad input ends with one line, `error: <what is wrong and how to fix it>`, and exit status 2.
 """

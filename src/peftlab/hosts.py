@@ -9,7 +9,7 @@ only in how that matrix is stored and applied:
     nn.Embedding  weight (num, dim)           y = W[idx]    -> matrix (dim, num), "in" = one-hot idx
     nn.Conv2d     weight (out, cin, kh, kw)   y = conv(x, W) -> matrix (out, cin*kh*kw)
 
-A `HostKind` hides these differences behind five operations, so one LoRA class serves all
+A `HostKind` hides these differences behind six operations, so one LoRA class serves all
 four layer types, and a new method gets conv and embedding support for free:
 
     matrix(host)            -> W0 as (out, in)

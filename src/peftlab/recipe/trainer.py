@@ -1,6 +1,6 @@
 """The training recipe: a run config in, a run directory out.
 
-    summary = train(run)            # run: config.RunConfig (validated)
+    summary = train(run)            # run: peftlab.recipe.config.RunConfig (validated)
 
 What happens, in order (each step takes its own sections of the config):
   1. the task's rows are loaded and split (data: task, data section, seed), the method takes
@@ -17,7 +17,7 @@ Only the main process (rank 0) writes files.
 
 Run directory:
     config.yaml       the resolved config (all defaults filled in)
-    task.json         the task kind and label names (what eval/merge need besides the config)
+    task.json         the task kind, label names and split sizes (what eval/merge need besides the config)
     adapter/          adapter_config.json + adapter_model.safetensors (peftlab.save)
     metrics.jsonl     one JSON object per logged step and per evaluation
     tensorboard/      the same metrics for TensorBoard

@@ -7,23 +7,42 @@
     peftlab methods
     peftlab bench SUITE ... | bench report SUITE [--embed PAGE]     (see peftlab.bench)
 
-Bad input ends with one line, `error: <what is wrong and how to fix it>`, and exit status 2.
+Every failure ends with one line, `error: <what is wrong, where, and how to fix it>`, never a
+traceback: exit status 2 for the user's errors (bad input, a missing path, a folder that cannot
+be written), 1 for faults of the machine (a full disk, an I/O error) and for bugs.
+`peftlab --debug COMMAND`, `COMMAND --debug` or PEFTLAB_DEBUG=1 also print the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
+import threading
+import traceback
 
-from .errors import PeftlabError
+from .errors import PeftlabError, failure
+
+
+DEBUG_HELP = "on failure, also print the full traceback (for bug reports; same as PEFTLAB_DEBUG=1)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning: train, "
                                      "evaluate, merge and export adapters.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # where(): the path a failure is about when its error names none (a full disk names no file)
+    # out_option: how the command chooses where it writes, for the fix a write failure suggests
+    parser.set_defaults(where=lambda: None, out_option="--output")
+    # --debug after the command as well; SUPPRESS: a command without it keeps the global value
+    debug_flag = argparse.ArgumentParser(add_help=False)
+    debug_flag.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a method on a task (no config: the embedded default job)")
+    def add_command(name: str, **kw) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[debug_flag], **kw)
+
+    train = add_command("train", help="train a method on a task (no config: the embedded default job)")
     train.add_argument("config", nargs="?", help="a YAML run config; omitted: the default job")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.batch_size=16 (repeatable)")
@@ -33,27 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and stop")
 
-    evaluate = commands.add_parser("eval", help="evaluate a trained run on its test split or other data")
+    evaluate = add_command("eval", help="evaluate a trained run on its test split or other data")
     evaluate.add_argument("run", help="a run directory written by peftlab train")
     evaluate.add_argument("--data", help="a task name or a .csv/.jsonl file (default: the run's own task)")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test", "all"),
                           help="which split of a named task (a file is used whole)")
 
-    merge = commands.add_parser("merge", help="write the adapted model as a plain transformers checkpoint")
+    merge = add_command("merge", help="write the adapted model as a plain transformers checkpoint")
     merge.add_argument("run", help="a run directory written by peftlab train")
     merge.add_argument("--out", required=True, help="the directory to write")
+    merge.set_defaults(out_option="--out")
 
-    export = commands.add_parser("export", help="write the run's adapter in another format")
+    export = add_command("export", help="write the run's adapter in another format")
     export.add_argument("run", help="a run directory written by peftlab train")
     export.add_argument("--format", required=True, choices=("peft", "peftlab"))
     export.add_argument("--out", required=True, help="the directory to write")
+    export.set_defaults(out_option="--out")
 
-    commands.add_parser("methods", help="list the registered methods and their trainable parameters")
+    add_command("methods", help="list the registered methods and their trainable parameters")
 
     # `peftlab bench`: the method comparison lives in peftlab.bench; this only wires it in.
     from .bench import add_arguments as bench_arguments
 
-    bench_arguments(commands.add_parser("bench", help="compare methods: run a suite (bench/suites/*.yaml), "
+    bench_arguments(add_command("bench", help="compare methods: run a suite (bench/suites/*.yaml), "
                                         "or `bench report SUITE`"))
     return parser
 
@@ -82,7 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(run.to_yaml(), end="")
         return 0
+    if run.output and pathlib.Path(run.output).exists() and not pathlib.Path(run.output).is_dir():
+        raise PeftlabError(f"--output {run.output} is a file, not a folder: choose a new folder for the run "
+                           "(or the folder of a run to --resume)")
     _quiet_libraries()
+    args.where = lambda: run.output  # read on failure: the trainer fills in the default output
     train.train(run, resume=args.resume is not None, overwrite=args.overwrite)
     return 0
 
@@ -107,6 +132,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    args.where = lambda: args.run
     _quiet_libraries()
     from .recipe import runs
 
@@ -115,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    args.where = lambda: args.out
     _quiet_libraries()
     from .recipe import runs
 
@@ -123,6 +150,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    args.where = lambda: args.out
     _quiet_libraries()
     from .recipe import runs
 
@@ -142,14 +170,37 @@ COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "merge": c
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("PEFTLAB_DEBUG", "") not in ("", "0")
+
+    def report(err: BaseException) -> int:
+        if debug:
+            traceback.print_exception(err)
+        line, status = failure(err, args.where(), args.out_option)
+        print(f"error: {line}", file=sys.stderr)
+        return status
+
+    # A helper thread that fails (TensorBoard's writer on a full disk) would print its own traceback.
+    # While the command runs its failure is kept: the command itself usually fails the same way
+    # a moment later and says so once; one that ends later is reported as it happens.
+    background: list[BaseException] = []
+    threading.excepthook = lambda hook: _unless_exit(hook, background.append)
     try:
-        return COMMANDS[args.command](args)
-    except PeftlabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the newest checkpoint is complete; continue with --resume", file=sys.stderr)
+        status = COMMANDS[args.command](args)
+    except KeyboardInterrupt as err:  # the trainer's note says what the run left; without one, nothing ran yet
+        left = "; ".join(getattr(err, "__notes__", ())) or "nothing was changed"
+        print(f"interrupted: {left}", file=sys.stderr)
         return 130
+    except Exception as err:  # every failure, bugs included, ends in one line (errors.failure decides it)
+        return report(err)
+    finally:
+        threading.excepthook = lambda hook: _unless_exit(hook, report)
+    return report(background[0]) if background else status
+
+
+def _unless_exit(hook: threading.ExceptHookArgs, handle) -> None:
+    """Pass a helper thread's exception to `handle`; a thread ending with SystemExit failed at nothing."""
+    if hook.exc_value is not None and not isinstance(hook.exc_value, SystemExit):
+        handle(hook.exc_value)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .errors import PeftlabError
+from .targets import check_patterns
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor, nn
@@ -106,7 +109,26 @@ class MethodConfig:
     run_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        self.check_shapes()
         self.validate()
+
+    def check_shapes(self) -> None:
+        """What every field of every method must be, before the method's own checks read them:
+        values of the declared types, finite numbers (nested ones too), pattern lists and an
+        overrides mapping that targets.select and attach can use."""
+        owner = type(self).__name__
+        check_patterns(f"{owner} targets", self.targets)
+        check_patterns(f"{owner} exclude", self.exclude)
+        if not isinstance(self.also_train, (list, tuple)):
+            raise PeftlabError(f"{owner} also_train = {self.also_train!r} must be a list of module names, "
+                               "e.g. also_train=['classifier']")
+        check_patterns(f"{owner} also_train", self.also_train)
+        _check_overrides(f"{owner} overrides", self.overrides)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in _SHARED_FIELDS:  # checked above, each with its own example
+                _check_declared_type(f"{owner} {f.name}", value, f.type)
+            _check_finite(f"{owner} {f.name}", value)
 
     def validate(self) -> None:
         """Check field values; raise PeftlabError naming the field and what is allowed."""
@@ -181,6 +203,61 @@ class MethodConfig:
                 )
             data[f.name] = list(value) if isinstance(value, tuple) else value
         return data
+
+
+# ---- field checks every method shares (MethodConfig.check_shapes) ------------------------------
+
+_SHARED_FIELDS = ("targets", "exclude", "overrides", "also_train")
+
+# Declared field types (the annotations are strings) -> what a value may be; int is a number
+# too, and bool, though an int to Python, is none of the numbers.
+_DECLARED = {"int": (numbers.Integral,), "float": (numbers.Real,), "str": (str,), "bool": (bool,),
+             "list": (list, tuple), "dict": (dict,)}
+_DECLARED_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False",
+                   "list": "a list", "dict": "a mapping", "None": "None"}
+
+
+def _check_declared_type(where: str, value: Any, annotation: Any) -> None:
+    """`value` is of a type its field declares (e.g. 'int | None'); other annotations (Any) are not checked."""
+    options = [o.strip() for o in str(annotation).split("|")]
+    if not all(o in _DECLARED or o == "None" for o in options):
+        return
+    if value is None and "None" in options:
+        return
+    for option in options:
+        kinds = _DECLARED.get(option, ())
+        if isinstance(value, kinds) and not (isinstance(value, bool) and option != "bool"):
+            return
+    wanted = " or ".join(_DECLARED_NAMES[o] for o in options)
+    raise PeftlabError(f"{where} must be {wanted}, got {value!r}")
+
+
+def _check_finite(where: str, value: Any) -> None:
+    """No nan or infinity anywhere in `value` (lists and mappings are searched): they train to nan."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{where}[{key!r}]", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(f"{where}[{index}]", item)
+    elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        raise PeftlabError(f"{where} = {value!r} is not a finite number: give a finite value")
+
+
+def _check_overrides(where: str, overrides: Any) -> None:
+    """{pattern: {field: value}}; the fields themselves are checked per site, at attach (MethodConfig.at_site)."""
+    example = "e.g. overrides={'value': {'r': 16}}"
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise PeftlabError(f"{where} = {overrides!r} must be a mapping of pattern -> field values, {example}")
+    for pattern, fields in overrides.items():
+        if not (isinstance(pattern, str) or callable(pattern)):
+            raise PeftlabError(f"{where} key {pattern!r} must be one pattern (a name, glob or 're:' regex), {example}")
+        check_patterns(f"{where} key", pattern)
+        if not isinstance(fields, dict) or not all(isinstance(k, str) for k in fields):
+            raise PeftlabError(f"{where}[{pattern!r}] = {fields!r} must be a mapping of field names to values, "
+                               f"{example}")
 
 
 RUN_FIELDS = ("total_steps", "lr")

@@ -45,6 +45,33 @@ def matches(pattern: Pattern, name: str, module: nn.Module) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+PATTERN_FORMS = "a name, a glob, a 're:' regular expression, 'all-linear' or a callable f(name, module)"
+
+
+def check_patterns(where: str, patterns: Any) -> None:
+    """Refuse what `select` cannot read, naming `where` (e.g. "LoRA targets"): None, one pattern,
+    or a flat list of them; a nested list, a number or a broken regular expression are mistakes."""
+    if patterns is None or isinstance(patterns, str) or callable(patterns):
+        items = [] if patterns is None else [patterns]
+    elif isinstance(patterns, (list, tuple, set, frozenset)):
+        items = list(patterns)
+    else:
+        raise PeftlabError(f"{where} = {patterns!r} must be a pattern or a list of patterns (each {PATTERN_FORMS}), "
+                           "e.g. ['query', 'value']")
+    for item in items:
+        if callable(item):
+            continue
+        if not isinstance(item, str) or not item:
+            raise PeftlabError(f"{where} = {patterns!r} holds {item!r}, which is not a pattern: each item is "
+                               f"{PATTERN_FORMS}, e.g. ['query', 'value']")
+        if item.startswith("re:"):
+            try:
+                re.compile(item[3:])
+            except re.error as err:
+                raise PeftlabError(f"{where}: {item!r} is not a valid regular expression ({err}): "
+                                   "fix it, or use a name or a glob") from None
+
+
 def _as_list(patterns: Pattern | Iterable[Pattern] | None) -> list[Pattern]:
     if patterns is None:
         return []
@@ -73,6 +100,8 @@ def select(model: nn.Module, targets, exclude=None) -> list[str]:
 
     Raises PeftlabError when nothing matches, listing what the model has.
     """
+    check_patterns("targets", targets)
+    check_patterns("exclude", exclude)
     include, skip = _as_list(targets), _as_list(exclude)
     if not include:
         raise PeftlabError("no targets given: set targets, e.g. targets=['query', 'value'] or 'all-linear'")

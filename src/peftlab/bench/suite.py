@@ -145,11 +145,13 @@ def find(name_or_path: str) -> pathlib.Path:
 
 
 def load(name_or_path: str) -> Suite:
+    from ..recipe.config import SafeLoader, yaml_problem  # safe_load's reading, aliases refused
+
     path = find(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=SafeLoader)
     except yaml.YAMLError as err:
-        raise PeftlabError(f"suite file {path} is not valid YAML: {err}") from None
+        raise PeftlabError(f"suite file {path} {yaml_problem(err)}") from None
     return parse(data, name=path.stem, path=path)
 
 

@@ -1,7 +1,5 @@
 """The run config of `peftlab train`: its schema, defaults, overrides and validation.
 
-(Named runconfig: `peftlab.config` is the public function that builds a method's config.)
-
 A run config is a YAML mapping with these sections (every key optional). The dataclasses
 below are the defaults' one source: the embedded default job (`default_dict`) is generated
 from them, and `peftlab train --print-config` shows them all:
@@ -94,6 +92,9 @@ class Train:
     save_every: int = 50  # steps between checkpoints
     log_every: int = 10  # steps between metric lines
     keep_checkpoints: int = 2
+    # the loss guard: a logged training loss over this many times the first logged one stops the run
+    # (a too high learning rate); null or 0 turns it off. A NaN/inf loss always stops the run.
+    max_loss_ratio: float | None = 100.0
     calibration_batches: int = 8  # training batches handed to data-driven initialisations
     progress: bool = True  # progress bars
     group_by_length: bool = False  # batches of similar lengths: less padding, less compute
@@ -143,7 +144,39 @@ def default_dict() -> dict[str, Any]:
 # ---- reading and overriding ------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
+class AliasRefused(yaml.composer.ComposerError):
+    """A YAML alias (*name) in a document read with SafeLoader."""
+
+
+class SafeLoader(yaml.SafeLoader):
+    """yaml.safe_load's reading, without aliases.
+
+    An alias (*name) repeats the node anchored as &name, and aliases of aliases multiply: a
+    few hundred bytes expand to a billion values (a "billion laughs" document), which took
+    minutes and gigabytes before anything was said. Every alias is refused the moment it is
+    read, rather than capping the expansion: run configs and suites never need them (and none
+    uses them), and no bound is needed that way. Anchors alone are harmless and pass.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasRefused(None, None, f"the alias *{event.anchor}", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for what is wrong with a YAML file, where, and the fix (follows the file's name)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    if isinstance(err, AliasRefused):
+        return (f"uses {problem}{where}: YAML aliases are refused (nested ones can expand a small file to "
+                "gigabytes); write the values out in full")
+    return f"is not valid YAML{where} ({problem}): fix the syntax, e.g. close brackets and quote values holding ':'"
+
+
+class _Loader(SafeLoader):
     """YAML as users write it: `5e-4` is a float (YAML 1.1 reads it as a string without a dot)."""
 
 
@@ -155,20 +188,25 @@ _Loader.add_implicit_resolver(
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:  # the composer recurses once per level: thousands of [[[...
+        raise yaml.YAMLError("lists or mappings nested thousands deep") from None
 
 
 def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PeftlabError(f"config file {path} does not exist: check the path")
-    try:
+    if path.is_dir():
+        raise PeftlabError(f"config file {path} is a folder: give the YAML file itself")
+    try:  # a file, or a pipe or device (`peftlab train <(...)`, /dev/stdin): read once, either way
         data = _load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise PeftlabError(f"config file {path} is not UTF-8 text (bad byte at offset {err.start}): "
+                           "give a YAML text file") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PeftlabError(f"config file {path} is not valid YAML{where} ({getattr(err, 'problem', None) or err}): "
-                           "fix the syntax, e.g. close brackets and quote values holding ':'") from None
+        raise PeftlabError(f"config file {path} {yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -288,6 +326,7 @@ def validate(data: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(data) - set(top))
     if unknown:
         raise PeftlabError(f"unknown config key(s) {unknown}; allowed top-level keys: {', '.join(top)}")
+    _check_finite(data, "")
     values = {}
     for key, value in data.items():
         if key in SECTIONS:
@@ -311,6 +350,20 @@ def validate(data: dict[str, Any]) -> RunConfig:
     return run
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """No nan or infinity anywhere: typed fields and the free method/optimizer/loss sections, nested
+    values too. A nan learning rate or alpha would train to nan without a word."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise PeftlabError(f"config key {key} = {value!r} is not a finite number: give a finite one "
+                           "(YAML reads .nan, .inf and too large exponents such as 1e999 as non-finite)")
+
+
 def _named(key: str, value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         value = {"name": value}
@@ -319,11 +372,15 @@ def _named(key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_ranges(run: RunConfig) -> None:
     d, t = run.data, run.train
     _positive("data.max_length", d.max_length)
     _positive("data.limit", d.limit)
-    if len(d.split) != 3 or not all(isinstance(x, (int, float)) and x >= 0 for x in d.split) \
+    if len(d.split) != 3 or not all(_is_number(x) and x >= 0 for x in d.split) \
             or abs(sum(d.split) - 1) > 1e-6 or d.split[0] <= 0:
         raise PeftlabError(f"config key data.split = {d.split!r} must be three fractions (train, validation, test) "
                            "that sum to 1, e.g. [0.8, 0.1, 0.1]")
@@ -334,6 +391,9 @@ def _check_ranges(run: RunConfig) -> None:
     _positive("train.eval_every", t.eval_every)
     _positive("train.max_grad_norm", t.max_grad_norm)
     _positive("train.calibration_batches", t.calibration_batches)
+    if t.max_loss_ratio is not None and t.max_loss_ratio != 0 and not t.max_loss_ratio > 1:
+        raise PeftlabError(f"config key train.max_loss_ratio = {t.max_loss_ratio!r} must be > 1 (or null or 0 "
+                           "to turn the loss guard off)")
     if run.schedule.name not in SCHEDULES:
         raise PeftlabError(f"config key schedule.name = {run.schedule.name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
     if not 0 <= run.schedule.warmup_ratio < 1:
@@ -431,6 +491,28 @@ def _check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int) -> N
     if unknown:
         raise PeftlabError(f"unknown config key(s) {', '.join(f'{key}.{k}' for k in unknown)}; "
                            f"{key} allows: name, {', '.join(allowed)}")
+    for param in params:
+        if param.name in kwargs:
+            _check_like_default(f"{key}.{param.name}", kwargs[param.name], param.default)
+
+
+def _check_like_default(key: str, value: Any, default: Any) -> None:
+    """An optimizer's or loss's argument shaped like the function's own default: a number for a
+    number, true/false for a flag, [a, b] for a pair. Where the default is a single value (or
+    none), a list or mapping would reach torch as something it cannot use, mid-run."""
+    if isinstance(default, bool):
+        fits, wanted = isinstance(value, bool), "true or false"
+    elif _is_number(default):
+        fits, wanted = _is_number(value), "a number"
+    elif isinstance(default, str):
+        fits, wanted = isinstance(value, str), "a string"
+    elif isinstance(default, (tuple, list)) and all(_is_number(d) for d in default):
+        fits = isinstance(value, list) and len(value) == len(default) and all(_is_number(v) for v in value)
+        wanted = f"a list of {len(default)} numbers, like its default {list(default)}"
+    else:
+        fits, wanted = not isinstance(value, (list, dict)), "a single value, not a list or mapping"
+    if not fits:
+        raise PeftlabError(f"config key {key} = {value!r} has the wrong shape: give {wanted}")
 
 
 def _check_optimizer(run: RunConfig) -> None:

@@ -9,8 +9,10 @@ peftlab's part of each step:
   - the optimizer is built from the adaptation's parameter groups
   - the loss is the configured one over labelled positions, plus the adaptation's regulariser
   - the adaptation's `after_step` runs after every optimizer step (StepHook)
-  - a NaN/inf loss stops the run naming the step (TrainingDiverged)
-  - checkpoints are peftlab's own (safetensors + JSON, atomic; see checkpoint.py)
+  - a NaN/inf loss, or a logged loss over train.max_loss_ratio times the first, stops the run
+    naming the step and the last good checkpoint (TrainingDiverged)
+  - checkpoints are peftlab's own (safetensors + JSON, atomic; see checkpoint.py) and carry the
+    logging window, so a resumed run logs the losses the uninterrupted one would have
 
 This module imports transformers' Trainer (seconds): trainer.py imports it only when a run starts.
 """
@@ -35,7 +37,7 @@ from ..errors import PeftlabError
 
 
 class TrainingDiverged(PeftlabError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or grew past train.max_loss_ratio times its first logged value."""
 
 
 class StepHook(TrainerCallback):
@@ -66,13 +68,41 @@ class MetricsFile(TrainerCallback):
                 f.write(json.dumps(record) + "\n")
 
 
-class PeftlabTrainer(Trainer):
-    """The Trainer with the regulariser in the loss, a NaN stop, and peftlab's checkpoint files."""
+class AfterSave(TrainerCallback):
+    """Calls `saved()` once each checkpoint is complete (trainer.py: the first one ends the window in
+    which a failed start is undone, rundir.Claim.keep)."""
 
-    def __init__(self, *args, regularization, keep_checkpoints: int, **kwargs):
+    def __init__(self, saved):
+        self.saved = saved
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved()
+
+
+class RestoreLoggingWindow(TrainerCallback):
+    """Puts a resumed run's logging window back: on_train_begin is the first moment after the
+    Trainer has reset it (see PeftlabTrainer.logging_window)."""
+
+    def __init__(self, trainer: PeftlabTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.restore_logging_window()
+
+
+class PeftlabTrainer(Trainer):
+    """The Trainer with the regulariser in the loss, the divergence stops, and peftlab's checkpoint files."""
+
+    def __init__(self, *args, regularization, keep_checkpoints: int, max_loss_ratio: float | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.regularization = regularization
         self.keep_checkpoints = keep_checkpoints
+        self.max_loss_ratio = max_loss_ratio or None  # None or 0: the growth check is off
+        self.first_logged_loss: float | None = None
+        self.resumed_window: dict[str, Any] | None = None  # read with the checkpoint, restored at on_train_begin
+        self.loss_total_from_step: int | None = None  # the step _total_loss_scalar counts from, once restored
+        self.add_callback(RestoreLoggingWindow(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -91,29 +121,76 @@ class PeftlabTrainer(Trainer):
         if self.args.world_size > 1:  # every process stops together, or the others wait forever
             torch.distributed.all_reduce(bad)
         if bad.item() > 0:
-            latest = checkpoint.latest(pathlib.Path(self.args.output_dir))
-            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
-            raise TrainingDiverged(
-                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; {kept}. "
-                "Lower optimizer.lr (or set train.max_grad_norm), then start again or --resume")
+            raise TrainingDiverged(self._diverged(f"became {loss.item()} at step {self.state.global_step + 1}"))
+
+    def _stop_if_loss_grew(self, loss: float) -> None:
+        """The loss guard, on each logged training loss (the same value on every process)."""
+        if self.first_logged_loss is None:
+            self.first_logged_loss = loss
+        elif self.max_loss_ratio and self.first_logged_loss > 0 and loss > self.max_loss_ratio * self.first_logged_loss:
+            raise TrainingDiverged(self._diverged(
+                f"reached {loss:.6g} at step {self.state.global_step}, over {self.max_loss_ratio:g}x its first logged "
+                f"value {self.first_logged_loss:.6g} (train.max_loss_ratio; null turns this check off)"))
+
+    def _diverged(self, what: str) -> str:
+        """The one line for a diverged run: the step, the loss, the likely cause, and what is kept."""
+        found = checkpoint.sorted_checkpoints(pathlib.Path(self.args.output_dir))
+        latest = checkpoint.newest_intact(found)
+        # what happens to it (kept, or the new run removed) rundir.undone_on_failure adds to the line
+        kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
+        return (f"the training loss {what}; {kept}. Lower optimizer.lr (now {self.args.learning_rate:g}, the likely "
+                "cause) or set train.max_grad_norm, then start again with --overwrite")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and self.loss_total_from_step is not None:
+            # the Trainer divides its logged total by this call's steps; a restored total counts from earlier
+            logs["train_loss"] = self._total_loss_scalar / max(self.state.global_step - self.loss_total_from_step, 1)
+        super().log(logs, start_time)
+        if "loss" in logs:  # a training log line (evaluations log eval_loss, test_loss, ...)
+            self._stop_if_loss_grew(logs["loss"])
+
+    # The logging window. Each log line holds the mean training loss since the previous one: the
+    # Trainer sums every step's loss in _tr_loss (per process) and remembers the step of the last
+    # line and the total logged so far, and train() resets all three. A run resumed from a
+    # checkpoint between two log lines would log the mean of fewer steps, so the window is saved
+    # with every checkpoint and put back on resume, with the first logged loss of the loss guard.
+    def logging_window(self, loss_sums: list[float]) -> dict[str, Any]:
+        counted_from = self.loss_total_from_step if self.loss_total_from_step is not None else self._initial_global_step
+        return {"loss_sum_per_process": loss_sums, "last_logged_step": self._globalstep_last_logged,
+                "logged_loss_total": self._total_loss_scalar, "logged_loss_total_from_step": counted_from,
+                "first_logged_loss": self.first_logged_loss}
+
+    def restore_logging_window(self) -> None:
+        window = self.resumed_window
+        if window is None:  # a fresh run, or a checkpoint written before windows were saved
+            return
+        sums = window["loss_sum_per_process"]  # another process count: each takes the mean, which is logged
+        mine = sums[self.args.process_index] if len(sums) == self.args.world_size else sum(sums) / len(sums)
+        self._tr_loss.fill_(mine)
+        self._globalstep_last_logged = window["last_logged_step"]
+        self._total_loss_scalar = window["logged_loss_total"]
+        self.loss_total_from_step = window["logged_loss_total_from_step"]
+        self.first_logged_loss = window["first_logged_loss"]
 
     # Checkpoints in safetensors + JSON, written atomically (checkpoint.py says why).
     def _save_checkpoint(self, model, trial):
         from accelerate.utils import gather_object
 
         self.store_flos()  # a collective in several processes: every rank takes part
-        rng = gather_object([checkpoint.rng_state()])
+        gathered = gather_object([(checkpoint.rng_state(), self._tr_loss.item())])
         if self.args.should_save:
             for callback in [*self.callback_handler.callbacks, self.control]:
                 if isinstance(callback, ExportableState):
                     self.state.stateful_callbacks[type(callback).__name__] = callback.state()
             progress = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True)
             checkpoint.save(pathlib.Path(self.args.output_dir), self.state.global_step, self.model,
-                            self.optimizer, self.lr_scheduler, rng, progress, keep=self.keep_checkpoints)
+                            self.optimizer, self.lr_scheduler, [rng for rng, _ in gathered], progress,
+                            self.logging_window([loss_sum for _, loss_sum in gathered]), keep=self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         checkpoint.load_trainable(self.model, pathlib.Path(resume_from_checkpoint))
+        self.resumed_window = checkpoint.load_window(pathlib.Path(resume_from_checkpoint))
 
     def _load_optimizer_and_scheduler(self, folder):
         if folder is None:
@@ -235,6 +312,7 @@ def make_trainer(run: RunConfig, kind: str, adapted: Adaptation, tokenizer, trai
         callbacks=_callbacks(adapted, run_dir, main_process),
         regularization=adapted.regularization,
         keep_checkpoints=run.train.keep_checkpoints,
+        max_loss_ratio=run.train.max_loss_ratio,
     )
     if kind == "sft":  # only the loss: gathering every token's logits would cost gigabytes
         trainer.args.prediction_loss_only = True

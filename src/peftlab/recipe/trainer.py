@@ -5,7 +5,8 @@
 What happens, in order (each step takes its own sections of the config):
   1. the task's rows are loaded and split (data: task, data section, seed), the method takes
      its run fields (steps, rate), and the run directory decides how the run starts
-     (rundir: a different run there is refused; --resume needs a checkpoint)
+     (rundir: a different run there is refused; --resume needs a checkpoint; --overwrite
+     moves the old run aside until the new one has its first checkpoint)
   2. the model loads and becomes trainable (adaptation: the method attaches; a classifier's
      new head is trained in full through the method's `also_train`)
   3. the rows are encoded and transformers.Trainer runs the loop with peftlab's optimizer,
@@ -13,7 +14,10 @@ What happens, in order (each step takes its own sections of the config):
   4. the run ends with validation and test metrics, the adapter (peftlab format) and
      summary.json
 
-Only the main process (rank 0) writes files.
+Only the main process (rank 0) writes files. A run that fails before its first checkpoint
+(Ctrl-C included) leaves nothing: its files go and the run an --overwrite replaced comes back;
+a later failure keeps the checkpoints. The exception carries a note saying which (the CLI
+prints it at the end of the error line). docs/runs.md describes the folder.
 
 Run directory:
     config.yaml       the resolved config (all defaults filled in)
@@ -76,38 +80,41 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
     hooks = hooks or Hooks()
 
     # 1. the task, then the run directory (a bad data file fails before it is touched)
-    run_dir, task, (train_rows, val_rows, test_rows), start = _prepare(run, state, resume, overwrite)
+    run_dir, task, (train_rows, val_rows, test_rows), start, claim = _prepare(run, state, resume, overwrite)
+    with rundir.undone_on_failure(claim):
+        # 2. the model, made trainable
+        set_seed(run.seed)
+        adapter_state = load_file(start.checkpoint / "trainable.safetensors") if start.checkpoint else None
+        adapted, tokenizer = make_trainable(run, task, train_rows, adapter_state, hooks)
 
-    # 2. the model, made trainable
-    set_seed(run.seed)
-    adapter_state = load_file(start.checkpoint / "trainable.safetensors") if start.checkpoint else None
-    adapted, tokenizer = make_trainable(run, task, train_rows, adapter_state, hooks)
+        # 3. the loop
+        train_set, val_set, test_set = (data.encode(rows, task.kind, tokenizer, run.data.max_length)
+                                        if rows else None for rows in (train_rows, val_rows, test_rows))
+        if state.is_main_process and start.checkpoint is not None:
+            rundir.forget_metrics_after(run_dir, checkpoint.step_of(start.checkpoint))
+        trainer = loop.make_trainer(run, task.kind, adapted, tokenizer, train_set, val_set, run_dir,
+                                    state.is_main_process)
+        if claim is not None:  # the first checkpoint ends the window in which a failure undoes the start
+            trainer.add_callback(loop.AfterSave(claim.keep))
+        training_started, training_cpu_started = time.time(), time.process_time()
+        output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+        timing = {"train_time_s": time.time() - training_started,
+                  # all threads: steadier than wall time when the machine is busy
+                  "train_cpu_time_s": time.process_time() - training_cpu_started}
 
-    # 3. the loop
-    train_set, val_set, test_set = (data.encode(rows, task.kind, tokenizer, run.data.max_length) if rows else None
-                                    for rows in (train_rows, val_rows, test_rows))
-    if state.is_main_process and start.checkpoint is not None:
-        rundir.forget_metrics_after(run_dir, checkpoint.step_of(start.checkpoint))
-    trainer = loop.make_trainer(run, task.kind, adapted, tokenizer, train_set, val_set, run_dir,
-                                state.is_main_process)
-    training_started, training_cpu_started = time.time(), time.process_time()
-    output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
-    timing = {"train_time_s": time.time() - training_started,
-              # all threads: steadier than wall time when the machine is busy
-              "train_cpu_time_s": time.process_time() - training_cpu_started}
-
-    # 4. final metrics, the adapter and the summary
-    metrics = _final_metrics(trainer, {"validation": val_set, "test": test_set}, hooks.splits)
-    summary = _summary(run, run_dir, metrics, adapted.model, output.global_step, start.checkpoint, timing,
-                       started, state.num_processes)
-    if hooks.trained is not None:
-        summary["extra"] = hooks.trained(adapted.model, tokenizer)
-    if state.is_main_process:
-        adapter_dir = run_dir / "adapter"
-        rundir.clear(adapter_dir)
-        adapted.save(adapter_dir)
-        files.write_json(run_dir / "summary.json", summary, sort_keys=True)
-        _report(summary, task.kind, echo)
+        # 4. final metrics, the adapter and the summary
+        metrics = _final_metrics(trainer, {"validation": val_set, "test": test_set}, hooks.splits)
+        summary = _summary(run, run_dir, metrics, adapted.model, output.global_step, start.checkpoint, timing,
+                           started, state.num_processes)
+        if hooks.trained is not None:
+            summary["extra"] = hooks.trained(adapted.model, tokenizer)
+        if state.is_main_process:
+            adapter_dir = run_dir / "adapter"
+            rundir.clear(adapter_dir)
+            adapted.save(adapter_dir)
+            files.write_json(run_dir / "summary.json", summary, sort_keys=True)
+            claim.keep()  # a run too short for a checkpoint has now ended: the old run goes
+            _report(summary, task.kind, echo)
     state.wait_for_everyone()
     return summary
 
@@ -116,10 +123,11 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
 
 
 def _prepare(run: RunConfig, state, resume: bool, overwrite: bool):
-    """(run directory, task, (train, validation, test) rows, rundir.Start).
+    """(run directory, task, (train, validation, test) rows, rundir.Start, rundir.Claim or None).
 
     The task loads and splits first, so a bad data file fails before the directory is touched;
     then the directory is checked (another run there is refused) and gets config.yaml and task.json.
+    The Claim (None in the other processes) is what a failure before the first checkpoint undoes.
     """
     run_dir = _shared_output(run)
     run.output = str(run_dir)
@@ -128,11 +136,13 @@ def _prepare(run: RunConfig, state, resume: bool, overwrite: bool):
     fill_run_fields(run, len(rows[0]))
     start = rundir.decide_start(run_dir, run, resume, overwrite)
     state.wait_for_everyone()
+    claim = None
     if state.is_main_process:
-        rundir.begin(run_dir, run, {"kind": task.kind, "label_names": task.label_names,
-                                    "sizes": [len(r) for r in rows]}, start)
+        claim = rundir.Claim.of(run_dir, start)
+        rundir.begin(claim, run, {"kind": task.kind, "label_names": task.label_names,
+                                  "sizes": [len(r) for r in rows]})
     state.wait_for_everyone()
-    return run_dir, task, rows, start
+    return run_dir, task, rows, start, claim
 
 
 def process_state():

@@ -199,7 +199,8 @@ class Claim:
     def after_failure(self) -> str:
         """Undo what can be undone; returns what the failure left, for the end of the error line."""
         if self.kept:
-            latest = checkpoint.latest(self.run_dir / "checkpoints")
+            # quietly, and never raising: this runs while another error is on its way to the user
+            latest = checkpoint.newest_intact(checkpoint.sorted_checkpoints(self.run_dir / "checkpoints"))
             if latest is None:
                 return f"{self.run_dir} holds no checkpoint to continue from: start it again with --overwrite"
             return (f"the newest checkpoint (step {checkpoint.step_of(latest)}) is kept: continue with "

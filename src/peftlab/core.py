@@ -547,12 +547,23 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def step(model: nn.Module, step: int) -> None:
-    """Call after each optimizer step: methods that change during training act here."""
+def step(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Call after each optimizer step: methods that change during training act here.
+
+    Methods that declare `step_needs_optimizer` (they reset or drop optimizer state for what they
+    change: new ranks, re-drawn trainable sets) also get the optimizer; they refuse to run without it.
+    """
     state = state_of(model)
     for n in state.active:
         group = state.groups[n]
-        if group.config.step_hook:
+        if not group.config.step_hook:
+            continue
+        if group.config.step_needs_optimizer:
+            if optimizer is None:
+                raise PeftlabError(f"method {group.config.method!r} changes optimizer state after each step: "
+                                   "call peftlab.step(model, step, optimizer=<your optimizer>)")
+            group.config.after_step(group.sites, step, optimizer=optimizer)
+        else:
             group.config.after_step(group.sites, step)
 
 

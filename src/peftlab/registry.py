@@ -8,7 +8,8 @@ one site. That is all the core needs to know about a method:
     hosts            which layer kinds it supports ("linear", "conv1d", "embedding", "conv2d")
     build(...)       the adapter module for one site
     calibrate(...)   optional: statistics from calibration batches, before any build
-    after_step(...)  optional: called by training after each optimizer step
+    after_step(...)  optional: called by training after each optimizer step (with the optimizer,
+                     when the method declares step_needs_optimizer)
     loss(...)        optional: a regulariser the training loss adds
     param_groups(...) optional: optimizer parameter groups (e.g. a different lr for B)
     run_fields       fields the training recipe fills from the run (total_steps, lr)
@@ -100,6 +101,8 @@ class MethodConfig:
     hosts: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
     needs_calibration: ClassVar[bool] = False
     step_hook: ClassVar[bool] = False
+    # after_step also takes `optimizer=` (the torch optimizer), to reset or drop state it owns
+    step_needs_optimizer: ClassVar[bool] = False
     adds_loss: ClassVar[bool] = False
     # One line for `peftlab methods`: trainable parameters per site.
     trainable_formula: ClassVar[str] = ""
@@ -160,8 +163,9 @@ class MethodConfig:
         """Per-site statistics from calibration batches; only called when needs_calibration."""
         return {}
 
-    def after_step(self, adapters: dict[str, "Adapter"], step: int) -> None:
-        """Called after each optimizer step when step_hook is True."""
+    def after_step(self, adapters: dict[str, "Adapter"], step: int, optimizer: Any = None) -> None:
+        """Called after each optimizer step when step_hook is True (with `optimizer=` when
+        step_needs_optimizer is True)."""
 
     def loss(self, adapters: dict[str, "Adapter"]) -> "Tensor | None":
         """A regulariser added to the training loss when adds_loss is True."""

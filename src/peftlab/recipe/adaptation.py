@@ -7,7 +7,7 @@ else; they are an `Adaptation`:
     param_groups(lr) optimizer parameter groups
     save(directory)  writes what was trained
     regularization() a term added to the training loss, or None
-    after_step(step) called after each optimizer step, or None
+    after_step(step, optimizer) called after each optimizer step, or None
 
 peftlab's own way is `attach`: `of_method` attaches the run's method section, `of_peftlab`
 wraps a model with a method attached already. Two baselines are ordinary run configs too,
@@ -42,7 +42,7 @@ class Adaptation:
     param_groups: Callable[[float], list[dict]]
     save: Callable[[pathlib.Path], None]
     regularization: Callable[[], Tensor | None] = _no_regularization
-    after_step: Callable[[int], None] | None = None
+    after_step: Callable[[int, Any], None] | None = None  # (step, optimizer)
 
 
 def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -58,7 +58,7 @@ def of_peftlab(model: nn.Module, method) -> Adaptation:
         param_groups=lambda lr: core.param_groups(model, lr),
         save=lambda directory: io.save(model, directory),
         regularization=lambda: core.regularization(model),
-        after_step=(lambda step: core.step(model, step)) if method.step_hook else None,
+        after_step=(lambda step, optimizer: core.step(model, step, optimizer)) if method.step_hook else None,
     )
 
 

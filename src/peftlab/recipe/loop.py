@@ -51,8 +51,8 @@ class StepHook(TrainerCallback):
     def __init__(self, after_step):
         self.after_step = after_step
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.after_step(state.global_step + 1)
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.after_step(state.global_step + 1, optimizer)
 
 
 class MetricsFile(TrainerCallback):

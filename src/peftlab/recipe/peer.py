@@ -244,5 +244,5 @@ def adapt(model: nn.Module, run, calibration: Callable[[], list[dict]]) -> Adapt
         param_groups=lambda lr: [{"params": trained_parameters(peft_model), "lr": lr}],
         save=save,
         regularization=(lambda: plan.regularization(peft_model)) if plan.regularization else (lambda: None),
-        after_step=(lambda step: plan.after_step(peft_model, step)) if plan.after_step else None,
+        after_step=(lambda step, optimizer: plan.after_step(peft_model, step)) if plan.after_step else None,
     )

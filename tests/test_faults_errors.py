@@ -190,6 +190,15 @@ def test_a_config_given_through_a_pipe_is_read_like_a_file(earlier, scratch):
     assert "seed: 7" in done.stdout and "r: 3" in done.stdout, done.stdout
 
 
+def test_a_base_model_with_damaged_weights_is_named_and_exit_2(model_dir, earlier, scratch):
+    damaged = pathlib.Path(shutil.copytree(model_dir, scratch / "tiny-bert"))
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a download cut short
+    done = run_cli(*train_args(damaged, scratch / "run", **SHORT))
+    assert_clean_failure(done, USER_ERROR, f"model checkpoint {damaged} has a damaged file", "SafetensorError")
+    assert not (scratch / "run").exists()
+
+
 # ---- damaged run folders ---------------------------------------------------------------------
 
 

@@ -26,7 +26,9 @@ The cache lives in $PEFTLAB_CACHE, else ~/.cache/peftlab.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import pathlib
 
@@ -125,19 +127,33 @@ def load(name: str, kind: str, label_names: list[str] | None = None) -> tuple[nn
 
     check(name, kind)
     path = resolve(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if kind == "sft":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    else:
-        if not label_names:
-            raise PeftlabError("a classification model needs its label names (the task gives them)")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-            pad_token_id=tokenizer.pad_token_id)
+    if kind != "sft" and not label_names:
+        raise PeftlabError("a classification model needs its label names (the task gives them)")
+    with _damaged_files_named(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if kind == "sft":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.float32, num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+                pad_token_id=tokenizer.pad_token_id)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _damaged_files_named(path: pathlib.Path):
+    """A checkpoint whose weights or JSON files are damaged (truncated, overwritten) fails inside
+    transformers with an error that names no file; say which folder and what to do instead."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PeftlabError(f"model checkpoint {path} has a damaged file ({type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:160]}): restore or re-download that checkpoint") from err
 
 
 def head_name(model: nn.Module) -> str:

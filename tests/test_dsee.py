@@ -1,8 +1,9 @@
 """DSEE (no peft counterpart): contract rows and properties of the sparse + low-rank update.
 
 - the sparse part S touches only its support Ω, before and after training steps, and Ω never moves;
-- Ω is what the official code picks: the largest entries of the residual of a low-rank fit of
-  W0 (decomposition, recomputed here independently with one SVD), the largest |W0|
+- Ω is what the official code picks: the largest entries of the sparse part of a low-rank +
+  sparse split of W0 (decomposition, at the default settings, recomputed here independently
+  by the alternating truncated-SVD / hard-threshold rounds), the largest |W0|
   (magnitude), or a seeded random draw;
 - the trainable count is r (in + out) + num_sparse per site.
 """
@@ -65,19 +66,32 @@ def test_magnitude_support_is_the_largest_pretrained_weights():
     assert chosen.min() >= rest.max()
 
 
-def test_decomposition_support_is_the_largest_residual_of_a_low_rank_fit():
+def godec_sparse_part(W, rank, iters, threshold):
+    """W = L + S, alternating: L the best rank-`rank` fit of W - S (truncated SVD), S = W - L
+    with entries below `threshold` in magnitude set to 0; S after `iters` rounds."""
+    S = torch.zeros_like(W)
+    for _ in range(iters):
+        U, sigma, Vh = torch.linalg.svd(W - S)
+        S = W - U[:, :rank] @ torch.diag(sigma[:rank]) @ Vh[:rank]
+        S = torch.where(S.abs() < threshold, torch.zeros_like(S), S)
+    return S
+
+
+def test_default_support_is_the_largest_sparse_part_of_the_alternating_decomposition():
     model = tiny_bert()
-    weight = model.encoder.layer[1].attention.self.value.weight.detach().clone()  # 32 x 32
-    config = peftlab.DSEE(num_sparse=30, decomposition_ratio=0.5, decomposition_iters=1,
-                          targets=["encoder.layer.1.attention.self.value"])
-    peftlab.attach(model, config)
+    site = "encoder.layer.1.attention.self.value"
+    weight = model.get_submodule(site).weight.detach().double().clone()  # 32 x 32
+    peftlab.attach(model, peftlab.DSEE(targets=[site]))  # the defaults: 64 entries, ratio 0.65, 4 rounds, 0.01
     (adapter,) = peftlab.adapters(model, "default").values()
-    U, sigma, Vh = torch.linalg.svd(weight.double())
-    residual = weight.double() - U[:, :16] @ torch.diag(sigma[:16]) @ Vh[:16]  # rank 0.5 * 32
-    expected = torch.topk(residual.abs().flatten(), 30).indices.sort().values
+    top = lambda score: torch.topk(score.abs().flatten(), 64).indices.sort().values
+    rank = round(0.65 * 32)  # 21
+    expected = top(godec_sparse_part(weight, rank, 4, 0.01))
     assert torch.equal(adapter.support, expected)
-    magnitude = torch.topk(weight.abs().flatten(), 30).indices.sort().values
-    assert not torch.equal(adapter.support, magnitude)  # the low-rank fit changes the choice
+    # every round and the threshold matter here: one round, no threshold or the plain
+    # magnitude would each choose a different support
+    assert not torch.equal(expected, top(godec_sparse_part(weight, rank, 1, 0.01)))
+    assert not torch.equal(expected, top(godec_sparse_part(weight, rank, 4, 0.0)))
+    assert not torch.equal(expected, top(weight))
 
 
 def test_random_support_is_seeded_per_site():

@@ -1,8 +1,9 @@
 """FLoRA (no peft counterpart): contract rows and properties of the Tucker-form update.
 
 - the core and factor shapes follow the weight's own dimensions (2 modes for linear, 4 for conv);
-- the update equals the Tucker reconstruction, computed here independently through the
-  mode-1 unfolding: ΔW_(1) = s U_out G_(1) (U_in ⊗ U_h ⊗ U_w)^T;
+- the update equals the Tucker reconstruction, computed here independently: through the
+  mode-1 unfolding ΔW_(1) = s U_out G_(1) (U_in ⊗ U_h ⊗ U_w)^T for conv, and for linear layers
+  as the sum over core entries of G[a, b] u_a v_b^T, with s != 1, through the forward pass;
 - the trainable count matches the formula; the core starts at 0.
 """
 import pytest
@@ -49,16 +50,29 @@ def test_conv_core_and_factor_shapes_and_tucker_reconstruction():
     assert adapter.delta_tensor().shape == model.conv2.weight.shape
 
 
-def test_linear_update_is_the_two_mode_tucker_product():
-    model = peftlab.attach(tiny_bert(), peftlab.FLoRA(r=4, alpha=4.0, targets=["encoder.layer.0.intermediate.dense"]))
+def test_linear_forward_adds_the_scaled_two_mode_tucker_product():
+    # alpha / r = 6 / 4: a scale other than 1, so a missing or wrong scale shows
+    model = peftlab.attach(tiny_bert(), peftlab.FLoRA(r=4, alpha=6.0, targets=["encoder.layer.0.intermediate.dense"]))
     (adapter,) = peftlab.adapters(model, "default").values()
     assert adapter.core.shape == (4, 4) and adapter.factor_out.shape == (64, 4) and adapter.factor_in.shape == (32, 4)
     assert len(adapter.factor_kernel) == 0
     _randomise(model)
-    # mode-n products one after the other: G x_1 U_out x_2 U_in
-    step = torch.tensordot(adapter.factor_out, adapter.core, dims=([1], [0]))  # (out, r_in)
-    step = torch.tensordot(step, adapter.factor_in, dims=([1], [1]))  # (out, in)
-    torch.testing.assert_close(adapter.delta_weight(), step, atol=1e-5, rtol=1e-5)
+    G, U_out, U_in = (t.detach().double() for t in (adapter.core, adapter.factor_out, adapter.factor_in))
+    # the paper's ΔW[o, i] = s * sum_{a, b} G[a, b] U_out[o, a] U_in[i, b], entry by entry
+    expected = torch.zeros(64, 32, dtype=torch.float64)
+    for a in range(4):
+        for b in range(4):
+            expected += G[a, b] * torch.outer(U_out[:, a], U_in[:, b])
+    expected *= 6.0 / 4
+    # through the forward pass (it never builds ΔW) and through delta_weight (merge)
+    host = model.encoder.layer[0].intermediate.dense
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = host(x)
+        with peftlab.disabled(model):
+            base = host(x)
+    torch.testing.assert_close((adapted - base).double(), x.double() @ expected.T, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(adapter.delta_weight().detach().double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_initialisation_follows_the_official_code():

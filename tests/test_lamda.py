@@ -1,4 +1,6 @@
-"""LaMDA: contract rows; B's columns freeze on schedule during ~50 training steps and stay frozen."""
+"""LaMDA: contract rows (the official variant and the paper's); B's columns freeze on schedule
+during ~50 training steps and stay frozen; the paper's variant starts from W0's top singular
+triplets (the host keeps the rest) and freezes all of B within the share of the run given."""
 import pytest
 import torch
 
@@ -13,6 +15,9 @@ ROWS = [
     Case("lamda-linear", lambda: peftlab.config("lamda", r=4, total_steps=100, targets=QV), tiny_bert, token_batch),
     Case("lamda-conv1d-dropout", lambda: peftlab.LaMDA(r=4, dropout=0.1, targets=["c_attn", "c_fc"]),
          tiny_gpt2, token_batch),
+    Case("lamda-paper-linear", lambda: peftlab.LaMDA(r=4, init="svd", freeze_within=0.3, targets=QV),
+         tiny_bert, token_batch),
+    Case("lamda-paper-conv1d", lambda: peftlab.LaMDA(r=4, init="svd", targets=["c_attn"]), tiny_gpt2, token_batch),
 ]
 
 
@@ -61,6 +66,40 @@ def test_columns_of_B_freeze_on_schedule_and_keep_their_values():
         assert torch.equal(adapter.A, A0[site])
 
 
+def test_paper_variant_starts_from_the_top_singular_triplets():
+    model = tiny_bert()
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
+    peftlab.attach(model, peftlab.LaMDA(r=4, alpha=8.0, init="svd", targets=QV))  # s = 2
+    for site, adapter in peftlab.adapters(model, "default").items():
+        W0 = originals[site].double()
+        U, S, Vh = torch.linalg.svd(W0)
+        # singular vectors are defined up to sign: compare the rank-one parts u_i s_i v_i^T
+        for i in range(4):
+            part = 2.0 * torch.outer(adapter.B[:, i], adapter.Sigma[i, i] * adapter.A[i]).double()
+            torch.testing.assert_close(part, S[i] * torch.outer(U[:, i], Vh[i]), atol=1e-5, rtol=1e-4)
+        assert torch.equal(adapter.Sigma.detach(), torch.diag(torch.diagonal(adapter.Sigma.detach())))
+        # the host keeps the rest of the spectrum
+        W_res = model.get_submodule(site).weight.detach().double()
+        torch.testing.assert_close(torch.linalg.svdvals(W_res)[:28], S[4:], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(W_res + adapter.delta_weight().detach().double(), W0, atol=1e-5, rtol=1e-5)
+        assert not adapter.A.requires_grad
+
+
+def test_paper_schedule_freezes_all_of_B_within_the_share_given():
+    # r = 4, all of B frozen within 0.3 of 40 steps = 12 steps: one column every 3 steps
+    r, total, share = 4, 40, 0.3
+    model = peftlab.attach(tiny_bert(), peftlab.LaMDA(r=r, init="svd", freeze_within=share, total_steps=total,
+                                                      targets=QV))
+    adapters = peftlab.adapters(model, "default")
+    counts = {}
+    train(model, 16, lr=1e-3, after_step=lambda step: counts.__setitem__(
+        step, {int(a.frozen_columns) for a in adapters.values()}))
+    expected = {step: {min(r, step // 3)} for step in range(1, 17)}
+    assert counts == expected
+    assert min(step for step, c in counts.items() if c == {r}) == 12 == share * total
+    assert all(not a.B.requires_grad for a in adapters.values())
+
+
 def test_a_fully_frozen_B_stays_frozen_when_adapters_are_switched():
     model = peftlab.attach(tiny_bert(), peftlab.LaMDA(r=4, targets=QV), "a")
     peftlab.attach(model, peftlab.LoRA(r=2, targets=QV), "b")
@@ -80,6 +119,10 @@ def test_schedule_needs_total_steps():
         peftlab.step(model, 1)
     with pytest.raises(peftlab.PeftlabError, match="eta must be > 0"):
         peftlab.LaMDA(eta=0)
+    with pytest.raises(peftlab.PeftlabError, match="freeze_within must be in"):
+        peftlab.LaMDA(freeze_within=1.5)
+    with pytest.raises(peftlab.PeftlabError, match="init 'pissa' is unknown"):
+        peftlab.LaMDA(init="pissa")
 
 
 def test_frozen_state_survives_save_and_load(tmp_path):

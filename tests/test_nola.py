@@ -2,11 +2,14 @@
 
 - the trainable count is 2k per site whatever the rank and layer size;
 - A0 and the bases are regenerated from the per-site seed buffer, identically, and never saved;
+- training moves only the coefficients, and the forward pass computes the paper's
+  W0 x + s (sum b_j B_j)(A0 + sum a_i A_i) x with every frozen tensor drawn in the test itself;
 - bases are U(-1, 1)/sqrt(k), A0 kaiming-uniform;
 - regenerating the bases in every forward/backward (the official memory-saving mode) gives
   the same outputs and gradients as keeping them.
 """
 import math
+import zlib
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import torch
 import peftlab
 from conftest import image_batch, output_of, tiny_bert, tiny_cnn, tiny_gpt2, token_batch
 from contract import Case, run_contract
+from short_training import train
 
 QV = ["query", "value"]
 
@@ -47,7 +51,45 @@ def test_only_coefficients_and_seed_are_saved():
     model = peftlab.attach(tiny_bert(), peftlab.NOLA(r=4, num_basis=8, targets=QV))
     for adapter in peftlab.adapters(model, "default").values():
         assert set(adapter.state_dict()) == {"coef_a", "coef_b", "seed"}
-        assert not any(b.requires_grad for b in (adapter.A0, adapter.bases_a, adapter.bases_b))
+
+
+def paper_update(site, seed, r, k, in_features, out_features, alpha, coef_a, coef_b):
+    """s * B @ A with A = A0 + sum_i a_i A_i, B = sum_j b_j B_j, every frozen tensor drawn here
+    from the documented seeds: site seed = crc32("<seed>/<site>"), stream seed =
+    crc32("<site seed>/<A0|A|B>"); A0 ~ U(-1/sqrt(in), 1/sqrt(in)), A_i, B_j ~ U(-1, 1)/sqrt(k)."""
+    site_seed = zlib.crc32(f"{seed}/{site}".encode())
+    stream = lambda name: torch.Generator().manual_seed(zlib.crc32(f"{site_seed}/{name}".encode()))
+    bound = 1 / math.sqrt(in_features)
+    A0 = torch.empty(r, in_features).uniform_(-bound, bound, generator=stream("A0"))
+    A_bases = (torch.rand((k, r, in_features), generator=stream("A")) * 2 - 1) / math.sqrt(k)
+    B_bases = (torch.rand((k, out_features, r), generator=stream("B")) * 2 - 1) / math.sqrt(k)
+    A = A0 + sum(coef_a[i] * A_bases[i] for i in range(k))
+    B = sum(coef_b[j] * B_bases[j] for j in range(k))
+    return alpha / r * B @ A
+
+
+def test_training_moves_only_the_coefficients_along_the_papers_equation():
+    r, k, alpha, seed = 4, 8, 12.0, 5
+    model = peftlab.attach(tiny_bert(), peftlab.NOLA(r=r, num_basis=k, alpha=alpha, seed=seed, targets=QV))
+    sites = peftlab.adapters(model, "default")
+    frozen = {site: (a.A0.clone(), a.bases_a.clone(), a.bases_b.clone()) for site, a in sites.items()}
+    train(model, 5, lr=1e-2, weight_decay=0.1)
+    assert set(peftlab.trainable_parameters(model)) == {f"{s}.adapters.default.{c}" for s in sites
+                                                        for c in ("coef_a", "coef_b")}
+    for site, a in sites.items():
+        assert a.coef_a.abs().min() > 0 and a.coef_b.abs().min() > 0  # both mixtures trained
+        for before, after in zip(frozen[site], (a.A0, a.bases_a, a.bases_b)):
+            assert torch.equal(before, after)  # A0 and the bases never move
+        host = model.get_submodule(site)
+        expected = paper_update(site, seed, r, k, host.in_features, host.out_features, alpha,
+                                a.coef_a.detach(), a.coef_b.detach())
+        # the forward pass (not delta_weight) computes W0 x + s B A x
+        x = torch.randn(3, host.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            changed = host(x)
+            with peftlab.disabled(model):
+                base = host(x)
+        torch.testing.assert_close(changed - base, x @ expected.T, atol=1e-6, rtol=1e-4)
 
 
 def test_bases_regenerate_identically_from_the_seed():

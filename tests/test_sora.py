@@ -22,14 +22,52 @@ def test_contract(case, tmp_path):
     run_contract(case, tmp_path)
 
 
-def test_proximal_step_soft_thresholds_the_gate():
-    model = peftlab.attach(tiny_bert(), peftlab.SoRA(r=4, xi=1e-2, targets=QV))
+def official_sparse_step(gate, xi):
+    """The official SparseAdamW's thresholding, line by line (TsinghuaC3I/SoRA src/sparse_optimizer.py)."""
+    p = gate.clone()
+    p[p > xi] -= xi
+    p[p < -xi] += xi
+    p[abs(p) < xi] = 0.0
+    return p
+
+
+# xi = 0.25 (exact in binary): the band edges at xi and 2 xi, inside, on and outside them
+XI = 0.25
+GATES = [0.6, 0.51, 0.5, 0.49, 0.3, 0.1, 0.0, -0.1, -0.3, -0.49, -0.5, -0.51, -2.0]
+
+
+def gates_after_one_step(**fields):
+    model = peftlab.attach(tiny_bert(), peftlab.SoRA(r=len(GATES), xi=XI, targets=QV, **fields))
     adapter = next(iter(peftlab.adapters(model, "default").values()))
     with torch.no_grad():
-        adapter.gate.copy_(torch.tensor([0.5, -0.005, 0.02, -2.0]))
+        adapter.gate.copy_(torch.tensor(GATES))
     peftlab.step(model, 1)
-    torch.testing.assert_close(adapter.gate.detach(), torch.tensor([0.49, 0.0, 0.01, -1.99]))
-    assert adapter.kept().tolist() == [0, 2, 3]
+    return adapter
+
+
+def test_official_band_zeroes_gates_below_twice_xi():
+    adapter = gates_after_one_step()  # threshold="official" is the default
+    expected = [0.35, 0.26, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.25, -0.26, -1.75]
+    torch.testing.assert_close(adapter.gate.detach(), torch.tensor(expected))
+    torch.testing.assert_close(adapter.gate.detach(), official_sparse_step(torch.tensor(GATES), XI))
+    assert adapter.kept().tolist() == [0, 1, 2, 10, 11, 12]
+
+
+def test_soft_threshold_is_the_papers_proximal_operator():
+    adapter = gates_after_one_step(threshold="soft")
+    g = torch.tensor(GATES)
+    torch.testing.assert_close(adapter.gate.detach(), torch.sign(g) * torch.clamp(g.abs() - XI, min=0))
+    assert adapter.kept().tolist() == [0, 1, 2, 3, 4, 8, 9, 10, 11, 12]
+
+
+def test_a_gate_at_exactly_xi_is_zeroed_where_the_official_code_keeps_it():
+    model = peftlab.attach(tiny_bert(), peftlab.SoRA(r=2, xi=XI, targets=QV))
+    adapter = next(iter(peftlab.adapters(model, "default").values()))
+    with torch.no_grad():
+        adapter.gate.copy_(torch.tensor([XI, -XI]))
+    peftlab.step(model, 1)
+    assert not adapter.gate.any()
+    assert official_sparse_step(torch.tensor([XI, -XI]), XI).tolist() == [XI, -XI]  # the documented difference
 
 
 def test_l1_term_and_gate_group():
@@ -112,3 +150,5 @@ def test_nothing_left_to_prune_is_an_error():
     lora = peftlab.attach(tiny_bert(), peftlab.LoRA(r=2, targets=QV))
     with pytest.raises(peftlab.PeftlabError, match="not SoRA"):
         to_lora(lora)
+    with pytest.raises(peftlab.PeftlabError, match="threshold 'hard' is unknown"):
+        peftlab.SoRA(threshold="hard")

@@ -1,4 +1,6 @@
-"""SVFit: contract rows; sigma starts at the top singular values; rank chosen by energy."""
+"""SVFit: contract rows; sigma starts at the top singular values; by default the rank per site
+holds 99% of the singular-value energy (the paper), computed here from the weight's own
+spectrum; a fixed r is the option."""
 import pytest
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ QV = ["query", "value"]
 ROWS = [
     Case("svfit-linear", lambda: peftlab.config("svfit", r=4, targets=QV), tiny_bert, token_batch),
     Case("svfit-energy-all-linear", lambda: peftlab.SVFit(energy=0.9, targets="all-linear"), tiny_bert, token_batch),
+    Case("svfit-default", lambda: peftlab.SVFit(targets=QV), tiny_bert, token_batch),
     Case("svfit-conv1d", lambda: peftlab.SVFit(r=6, targets=["c_attn"]), tiny_gpt2, token_batch),
 ]
 
@@ -36,6 +39,22 @@ def test_initial_sigma_is_the_top_singular_values_and_the_host_keeps_the_tail():
         # frozen singular vectors are orthonormal
         torch.testing.assert_close(adapter.U.T @ adapter.U, torch.eye(6), atol=1e-5, rtol=0)
         torch.testing.assert_close(adapter.Vh @ adapter.Vh.T, torch.eye(6), atol=1e-5, rtol=0)
+
+
+def test_default_rank_holds_99_percent_of_each_weights_energy():
+    model = tiny_bert()
+    spectra = {n: torch.linalg.svdvals(m.weight.detach().double()) for n, m in model.named_modules()
+               if n.endswith(("query", "value"))}
+    peftlab.attach(model, peftlab.SVFit(targets=QV))
+    for site, adapter in peftlab.adapters(model, "default").items():
+        squares = spectra[site] ** 2
+        # the fewest leading singular values with more than 99% of sum(S^2), counted one by one
+        k = next(k for k in range(1, len(squares) + 1) if squares[:k].sum() >= 0.99 * squares.sum())
+        assert adapter.sigma.shape == (k,), site
+        assert squares[:k - 1].sum() < 0.99 * squares.sum() and k > 24  # near full rank (32)
+        torch.testing.assert_close(adapter.sigma.detach().double(), spectra[site][:k], atol=1e-5, rtol=1e-5)
+    fixed = peftlab.attach(tiny_bert(), peftlab.SVFit(r=8, targets=QV))
+    assert all(a.sigma.shape == (8,) for a in peftlab.adapters(fixed, "default").values())
 
 
 def test_energy_rank_counts_squared_singular_values():
@@ -89,6 +108,8 @@ def test_only_sigma_trains():
 def test_bad_input():
     with pytest.raises(peftlab.PeftlabError, match="energy must be in"):
         peftlab.SVFit(energy=1.5)
+    with pytest.raises(peftlab.PeftlabError, match="not both"):
+        peftlab.SVFit(r=8, energy=0.9)
     model = tiny_bert()
     with pytest.raises(peftlab.PeftlabError, match="r <= 32"):
         peftlab.attach(model, peftlab.SVFit(r=40, targets=QV))

@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..io import files
+from ..registry import config as method_config
 from .runner import metric_value, read_invocations, read_records
 from .suite import BASELINES, Suite
 
@@ -77,6 +78,17 @@ def aggregate(records: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, st
 
 
 # ---- formatting --------------------------------------------------------------------------------
+
+
+def display_name(method: str, records: list[dict[str, Any]]) -> str:
+    """A table row's name. ALLoRA's exact coefficient is not public: its row says that this is our
+    reading of the paper's abstract and which coefficient its runs used (from their configs)."""
+    if method != "allora":
+        return method
+    fields = next((r["config"]["method"] for r in records if r.get("method") == "allora" and r.get("config")), {})
+    used = method_config("allora", **{k: v for k, v in fields.items() if k != "name"})
+    coefficient = "1/sqrt(‖θ‖² + 1/η²)" if used.form == "sqrt" else "1/(‖θ‖ + 1/η)"
+    return f"ALLoRA (our reading of the abstract; c = {coefficient}, η = {used.eta:g}, per {used.granularity})"
 
 
 def _mean_std(stat, digits: int = 3, scale: float = 1.0) -> str:
@@ -155,7 +167,7 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str],
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in _method_order(table, task, mode):
             row = table[(task, method, "peftlab")]
-            cells = [f"**{method}**" if method in BASELINES else method, _mean_std(row["score"]),
+            cells = [f"**{method}**" if method in BASELINES else display_name(method, records), _mean_std(row["score"]),
                      ",".join(map(str, row["seeds"])), _count(row["trainable"]), _percent(row["share"]),
                      _mean_std(row["train_time"], 0), _mean_std(row["s_per_step"], 3),
                      _mean_std(row["cpu_s_per_step"], 3), _mean_std(row["rss"], 0), _bytes(row["adapter"]),

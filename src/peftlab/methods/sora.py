@@ -10,14 +10,25 @@ Official code: TsinghuaC3I/SoRA (`src/lora.py`, `src/sparse_optimizer.py`, `src/
 Initialisation (official): A ~ kaiming-uniform(a=sqrt(5)), B = 0, g ~ N(0, 1). B = 0 keeps the
 output unchanged at attach.
 
-Sparsity, after each optimizer step (`peftlab.step(model, step)`), a proximal step on every gate:
+Sparsity, after each optimizer step (`peftlab.step(model, step)`), a thresholding step on every
+gate, chosen by `threshold`:
 
-    g <- sign(g) * max(|g| - xi, 0)
+    "official" (default)  soft, then hard: g' = sign(g) * max(|g| - xi, 0), then g' = 0 where |g'| < xi.
+                          Gates with |g| < 2 xi become 0, the others shrink by xi. This is what
+                          the official optimizer (`SparseAdamW.step`) does: it subtracts xi from
+                          entries above xi, adds it to those below -xi, then zeroes every entry
+                          whose new value is below xi in magnitude.
+    "soft"                the paper's proximal operator of xi * |g|_1: g' = sign(g) * max(|g| - xi, 0),
+                          zeroing |g| <= xi only.
 
-and, if `l1` > 0, `peftlab.regularization(model)` adds l1 * mean(|g|) over all gates to the loss
-(the official trainer adds both). As in the official code the threshold is xi itself, not
-xi times the learning rate, and gates get no weight decay (`param_groups` puts them in their own
-group with weight_decay=0). Defaults xi = l1 = 1e-3 are the official `run_glue.py` defaults.
+The official band is the default because the paper's results come from that code; it switches
+ranks off at twice the paper's threshold. One point differs from the official code: a gate at
+exactly |g| = xi is zeroed here (the official code leaves it, as it is neither shifted nor, at
+|g| = xi, below the threshold). If `l1` > 0, `peftlab.regularization(model)` adds
+l1 * mean(|g|) over all gates to the loss (the official trainer adds both). As in the official
+code the threshold is xi itself, not xi times the learning rate, and gates get no weight decay
+(`param_groups` puts them in their own group with weight_decay=0). Defaults xi = l1 = 1e-3 are
+the official `run_glue.py` defaults.
 
 When training ends, ranks whose gate is 0 contribute nothing: `to_lora(model, name)` turns the
 adapter into a plain, smaller LoRA (per-site rank = kept gates, the gate folded into B, alpha
@@ -37,6 +48,8 @@ from ..errors import PeftlabError
 from ..hosts import HostKind
 from ..registry import MethodConfig, Site, register
 from .lora import LoRA, zero_factors
+
+THRESHOLDS = ("official", "soft")
 
 
 class SoRAAdapter(Adapter):
@@ -65,9 +78,13 @@ class SoRAAdapter(Adapter):
         return self.A, self.scale * (self.B * self.gate)  # gates at 0 give zero columns
 
     @torch.no_grad()
-    def proximal_step(self, xi: float) -> None:
-        """Soft-threshold the gate: the proximal operator of xi * |g|_1."""
-        self.gate.copy_(self.gate.sign() * (self.gate.abs() - xi).clamp_min(0))
+    def proximal_step(self, xi: float, threshold: str) -> None:
+        """Soft-threshold the gate (the proximal operator of xi * |g|_1); with the official band,
+        then zero what is left below xi, so every |g| < 2 xi ends at 0."""
+        shrunk = self.gate.sign() * (self.gate.abs() - xi).clamp_min(0)
+        if threshold == "official":
+            shrunk = torch.where(shrunk.abs() < xi, torch.zeros_like(shrunk), shrunk)
+        self.gate.copy_(shrunk)
 
     def kept(self) -> Tensor:
         """Indices of the ranks whose gate is not zero."""
@@ -82,6 +99,7 @@ class SoRA(MethodConfig):
     dropout: float = 0.0
     xi: float = 1e-3  # gate threshold applied after every optimizer step
     l1: float = 1e-3  # weight of mean(|g|) in the loss; 0 turns the term off
+    threshold: str = "official"  # "official": zero |g| < 2 xi (soft, then hard); "soft": the paper's prox
 
     step_hook = True
     adds_loss = True
@@ -92,6 +110,8 @@ class SoRA(MethodConfig):
         self.check_dropout()
         if self.xi < 0 or self.l1 < 0:
             raise PeftlabError(f"SoRA xi and l1 must be >= 0, got xi={self.xi!r}, l1={self.l1!r}")
+        if self.threshold not in THRESHOLDS:
+            raise PeftlabError(f"SoRA threshold {self.threshold!r} is unknown: use one of {THRESHOLDS}")
 
     def validate_site(self, site: Site) -> None:
         site.check_rank(self.r, "SoRA")
@@ -105,7 +125,7 @@ class SoRA(MethodConfig):
 
     def after_step(self, adapters: dict[str, Adapter], step: int) -> None:
         for adapter in adapters.values():
-            adapter.proximal_step(self.xi)
+            adapter.proximal_step(self.xi, self.threshold)
 
     def loss(self, adapters: dict[str, Adapter]) -> Tensor | None:
         if self.l1 == 0:

@@ -13,13 +13,16 @@ With the SVD W0 = U S V^T (out x in) and its top r triplets U_r (out, r), S_r, V
 Trained: sigma (r values per site), initialised to S_r, so the output at attach is unchanged.
 U_r and V_r are frozen buffers.
 
-The rank: a fixed `r`, or, with `energy` set (the paper keeps the singular values holding
-">99% of the information"), the smallest r per site whose singular values carry that share of
-sum(S^2). Choices where the paper is silent:
+The rank, per site: by default the paper's, the smallest r whose singular values hold 99% of
+the energy sum(S^2) (the paper keeps the top singular values holding ">99% of the information",
+close to full rank for a trained weight: about 1/100 of the capacity is left out). `energy`
+sets another share; a fixed `r` is the option (e.g. r = 8, as this implementation's default
+once was; far fewer trainable values). Setting both is refused: one of them decides the rank.
+Choices where the paper is silent:
   - "information" is read as energy, sum of squared singular values (the Frobenius norm the
-    truncated SVD is optimal for); `energy` overrides `r` when set.
-  - With `energy`, the rank is found again from the singular values of the base weight when a
-    saved adapter is loaded (the same weight gives the same rank).
+    truncated SVD is optimal for).
+  - With an energy-chosen rank, the rank is found again from the singular values of the base
+    weight when a saved adapter is loaded (the same weight gives the same rank).
   - The SVD runs in float32 (exact, torch.linalg.svd); results are cast to the weight's dtype.
 """
 from __future__ import annotations
@@ -76,31 +79,44 @@ class SVFitAdapter(Adapter):
         return self.Vh, self.U * (self.sigma - self.sigma0)  # relative to W0 only σ moved
 
 
+PAPER_ENERGY = 0.99  # the paper: the singular values holding >99% of the information
+
+
 @register("svfit")
 @dataclass
 class SVFit(MethodConfig):
-    r: int = 8
-    energy: float | None = None  # e.g. 0.99: choose r per site by singular-value energy instead
+    r: int | None = None  # a fixed rank per site; unset: chosen by energy
+    energy: float | None = None  # share of sum(S^2) the kept singular values hold; unset (and no r): 0.99
 
-    trainable_formula = "r per site (r chosen per site when energy is set)"
+    trainable_formula = "r per site (by default r holds 99% of each weight's singular-value energy)"
 
     def validate(self) -> None:
-        self.check_positive_int("r")
+        self.check_positive_int("r", optional=True)
         if self.energy is not None and not 0 < self.energy <= 1:
             raise PeftlabError(f"SVFit energy must be in (0, 1], e.g. 0.99, got {self.energy!r}")
+        if self.r is not None and self.energy is not None:
+            raise PeftlabError(f"SVFit sets its rank by r or by energy, not both (r={self.r}, energy={self.energy}): "
+                               "drop one of them")
+
+    @property
+    def share(self) -> float | None:
+        """The energy share that picks the rank, or None for a fixed r."""
+        if self.r is not None:
+            return None
+        return self.energy if self.energy is not None else PAPER_ENERGY
 
     def validate_site(self, site: Site) -> None:
-        if self.energy is None:  # with energy set, each site chooses a rank it can hold
-            site.check_rank(self.r, "SVFit", fix="set energy=..., or an override for this site")
+        if self.r is not None:  # an energy-chosen rank always fits
+            site.check_rank(self.r, "SVFit", fix="leave r unset to choose it by energy, or an override for this site")
 
     def build(self, site: Site, stats=None, initialize: bool = True) -> SVFitAdapter:
-        weight = site.weight
+        weight, share = site.weight, self.share
         r = self.r
-        if initialize:  # with energy set, every triplet is a candidate until the energy picks r
-            U, S, Vh = top_r_svd(weight.detach().float(), r if self.energy is None else site.max_rank)
-            r = energy_rank(S, self.energy) if self.energy is not None else r
-        elif self.energy is not None:
-            r = energy_rank(torch.linalg.svdvals(weight.detach().float()), self.energy)
+        if initialize:  # with an energy share, every triplet is a candidate until the energy picks r
+            U, S, Vh = top_r_svd(weight.detach().float(), site.max_rank if share is not None else r)
+            r = energy_rank(S, share) if share is not None else r
+        elif share is not None:
+            r = energy_rank(torch.linalg.svdvals(weight.detach().float()), share)
         adapter = SVFitAdapter(site.kind, site.in_features, site.out_features, r, weight.dtype)
         if initialize:
             adapter.initialise(U, S, Vh)

@@ -9,6 +9,7 @@ A case is (config factory, host model factory, input batch factory). The checks:
   6. only adapter (and also_train) parameters receive gradients and change in a step
   7. save -> load into a fresh base model gives the same outputs
   8. the base model's own state-dict keys are unchanged; adapter keys sit under '.adapters.'
+     (a model-level adapter's under 'adapters.<name>.' at the root)
   9. declared lora_factors multiply to the change of the original weight, and the peft format
      then loads in `peft` with the same outputs; a method without them is refused that format
 A method joins by adding rows (in its own test file, calling `run_contract`).
@@ -66,7 +67,7 @@ def run_contract(case: Case, tmp_path) -> None:
     # 8. keys: the base keys are all still there, and everything new is adapter state
     keys = set(model.state_dict())
     assert set(base_state) <= keys
-    assert all(".adapters.default." in k for k in keys - set(base_state))
+    assert all(".adapters.default." in "." + k for k in keys - set(base_state))  # model-level: adapters.default.*
 
     # 1. at init
     with torch.no_grad():
@@ -145,7 +146,8 @@ def _check_peft_export(case: Case, model: torch.nn.Module, batch: dict, adapted_
     from peft import PeftModel
 
     adapters = list(peftlab.adapters(model, "default").values())
-    own_form = peftlab.adapter_configs(model)["default"].method in ("lora", "dora")
+    config = peftlab.adapter_configs(model)["default"]
+    own_form = config.method in ("lora", "dora") or config.peft_type != "LORA"  # IA3, LN_TUNING: their own files
     with torch.no_grad():
         factors = [a.lora_factors() if a.additive else None for a in adapters]
         for adapter, pair in zip(adapters, factors):

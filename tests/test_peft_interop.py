@@ -310,7 +310,7 @@ def edit(directory, **fields):
     ("init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"),
     ("layer_replication", [[0, 1], [0, 2]], "layer_replication"),
     ("trainable_token_indices", [1, 2], "trainable_token_indices"),
-    ("peft_type", "IA3", "'IA3' adapter"),
+    ("peft_type", "LOHA", "'LOHA' adapter"),  # IA3 and LN_TUNING have their own readers
     ("lora_shards", 4, "field 'lora_shards'"),
 ])
 def test_peft_fields_peftlab_cannot_honour(peft_dir, field, value, message):

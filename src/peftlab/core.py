@@ -10,6 +10,11 @@ so adapter parameters appear under `<site>.adapters.<name>.*` and removing both 
 the layer exactly. Model-wide bookkeeping (configs, active set, flags to restore) lives in
 one `State` object at `model._peftlab`.
 
+A method may also act on the whole model (peftlab.model_level): a `ModelAdapter` sits at
+`model.adapters.<name>` (parameters under `adapters.<name>.*`), installs forward hooks that
+detach removes, and may train some of the model's own parameters in place; their values are
+snapshotted at attach and put back on detach, like `also_train` modules.
+
 An `Adapter` is one method's change at one site: a fast path `forward(host, x, base)` and,
 when the method has one, a weight form W' = f(W) used by merge. The contract tests prove
 fast path == merged path for every method.
@@ -26,6 +31,7 @@ from torch import Tensor, nn
 
 from .errors import PeftlabError
 from .hosts import HostKind, host_kind
+from .model_level import MODEL, ROOT, ModelAdapter, ModelHooks
 from .registry import MethodConfig, Site
 from .targets import matches, overrides_for, select
 
@@ -43,12 +49,16 @@ class Adapter(nn.Module):
     lora_factors() -> (A, B)       low-rank additive methods: A (k, in), B (out, k) with B @ A the
                                    change of the ORIGINAL weight, residual included; None for the
                                    rest. Any method with factors can be written as a LoRA (peft format)
+    merged_bias(b) -> (out,)       methods whose weight form also changes the host bias (changes_bias):
+                                   b' = g(b), e.g. SSF's gamma * b + beta; merge folds both, unmerge
+                                   restores both
     """
 
     weight_form: ClassVar[bool] = True  # merge is possible
     additive: ClassVar[bool] = True  # merged_weight(W) == W + delta_weight(): unmerge may subtract
     identity_at_init: ClassVar[bool] = True  # output unchanged right after attach
     has_residual: ClassVar[bool] = False  # attach rewrites the host weight to W0 - residual()
+    changes_bias: ClassVar[bool] = False  # merge also writes merged_bias(b) into the host bias
 
     def __init__(self, kind: HostKind):
         super().__init__()
@@ -62,6 +72,9 @@ class Adapter(nn.Module):
 
     def residual(self) -> Tensor:
         raise PeftlabError(f"{type(self).__name__} moves no part of the base weight")
+
+    def merged_bias(self, bias: Tensor) -> Tensor:
+        raise PeftlabError(f"{type(self).__name__} does not change the host bias")
 
     def lora_factors(self) -> tuple[Tensor, Tensor] | None:
         return None
@@ -98,6 +111,23 @@ class Group:
     config: MethodConfig
     sites: dict[str, Adapter]  # site name -> adapter
     trainable: dict[str, bool]  # parameter name -> requires_grad while active (restored on set_active)
+    model: ModelAdapter | None = None  # the model-level part, at `adapters.<name>`
+    hooks: ModelHooks | None = None  # its forward hooks, removed on detach
+
+    def adapters(self) -> dict[str, Adapter | ModelAdapter]:
+        """What the method's hooks (after_step, loss, param_groups) see: site name -> adapter, and
+        the model-level adapter under MODEL ("")."""
+        return self.sites if self.model is None else {**self.sites, MODEL: self.model}
+
+
+@dataclass
+class Snapshot:
+    """A host's values before an operation that rewrote them; popped to undo it exactly."""
+
+    reason: str  # "merge" | "residual"
+    name: str  # the adapter
+    weight: Tensor | None  # None: merged without a copy (additive: unmerge subtracts the delta)
+    bias: Tensor | None = None  # the host bias, when the operation changed it
 
 
 @dataclass
@@ -109,15 +139,17 @@ class State:
     disabled: bool = False
     routing: list[str | None] | None = None  # per-example adapter names for a mixed batch
     requires_grad: dict[str, bool] = field(default_factory=dict)  # the model's flags before attach
-    also_train: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # group -> original values
+    # group -> original values of the model parameters it trains in place (also_train modules and
+    # a model-level adapter's in_place): put back on detach, swapped in by disabled()
+    in_place: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 class AdapterSlot(nn.ModuleDict):
     """The adapters of one host, and the forward that runs them.
 
-    `history` is a stack of weight snapshots (reason, adapter name, weight) pushed by
-    operations that rewrite the host weight (merge, residual attach) and popped to undo them
-    exactly; undoing out of order is refused rather than guessed.
+    `history` is a stack of `Snapshot`s pushed by operations that rewrite the host weight
+    (merge, residual attach) and popped to undo them exactly; undoing out of order is refused
+    rather than guessed.
     """
 
     def __init__(self, host: nn.Module, kind: HostKind, state: State):
@@ -126,7 +158,7 @@ class AdapterSlot(nn.ModuleDict):
         self.__dict__["state"] = state
         self.kind = kind
         self.merged: list[str] = []
-        self.history: list[tuple[str, str, Tensor | None]] = []
+        self.history: list[Snapshot] = []
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -166,6 +198,10 @@ class AdapterSlot(nn.ModuleDict):
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out[rows] = part
         return out
+
+
+class ModelSlot(nn.ModuleDict):
+    """The model-level adapters of a model, by name: the model's child `adapters`."""
 
 
 def _chain(adapter: Adapter, host: nn.Module, base: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -241,6 +277,23 @@ def also_train_parameters(model: nn.Module, patterns: list[str]) -> dict[str, nn
     return params
 
 
+def in_place_parameters(model: nn.Module, config: MethodConfig,
+                        model_adapter: ModelAdapter | None = None) -> dict[str, nn.Parameter]:
+    """name -> parameter of everything `config` trains in the model's own parameters: its also_train
+    modules and its model-level adapter's in_place (built here, touching nothing, unless given)."""
+    params = also_train_parameters(model, list(config.also_train))
+    if config.model_adapter:
+        if model_adapter is None:
+            model_adapter = config.build_model(model, initialize=False)
+        params.update(model_adapter.in_place)
+    return params
+
+
+def host_bias(host: nn.Module) -> nn.Parameter | None:
+    """The host layer's own bias parameter, None when it has none (bias=False, Embedding)."""
+    return host._parameters.get("bias")
+
+
 def select_modules(model: nn.Module, patterns: list[str]) -> list[str]:
     """Names of the modules `also_train` patterns select; raises when none matches."""
     # also_train may name any module (a head, a LayerNorm), not only adaptable layers;
@@ -276,21 +329,21 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", calibr
         raise PeftlabError(f"an adapter named {name!r} is attached already: pick another name or detach it")
     if not name or "." in name:
         raise PeftlabError(f"adapter name {name!r} must be non-empty and contain no '.'")
-    sites, built, also = _build(model, config, name, calibration, state_dict)
-    _install(model, config, name, sites, built, also)
+    sites, built, whole, in_place = _build(model, config, name, calibration, state_dict)
+    _install(model, config, name, sites, built, whole, in_place)
     return model
 
 
-def _build(model: nn.Module, config: MethodConfig, name: str, calibration: Any,
-           state_dict: dict[str, Tensor] | None) -> tuple[list[Site], dict[str, Adapter], dict[str, nn.Parameter]]:
-    """(sites, adapter by site name, also-trained parameters), checked, with the model untouched."""
-    sites = sites_for(model, config)
+def _build(model: nn.Module, config: MethodConfig, name: str, calibration: Any, state_dict: dict[str, Tensor] | None
+           ) -> tuple[list[Site], dict[str, Adapter], ModelAdapter | None, dict[str, nn.Parameter]]:
+    """(sites, adapter by site name, model-level adapter, parameters trained in place), checked, with
+    the model untouched."""
+    sites = sites_for(model, config) if config.site_adapters else []
     per_site = {s.name: config.at_site(overrides_for(s.name, s.host, config.overrides)) for s in sites}
     for s in sites:
         per_site[s.name].validate_site(s)
         if ADAPTERS in s.host.__dict__ or (ADAPTERS in s.host._modules and _slot(s.host) is None):
             raise PeftlabError(f"{s.name} already has an attribute {ADAPTERS!r}; peftlab cannot attach there")
-    also = also_train_parameters(model, list(config.also_train))
 
     initialize = state_dict is None
     stats: dict[str, Any] = {}
@@ -301,14 +354,40 @@ def _build(model: nn.Module, config: MethodConfig, name: str, calibration: Any,
             )
         stats = config.calibrate(model, sites, calibration)
     built = {s.name: per_site[s.name].build(s, stats.get(s.name), initialize) for s in sites}
+    whole = _build_model_adapter(model, config, name, initialize)
+    in_place = in_place_parameters(model, config, whole)
+    if whole is not None:
+        _check_in_place_free(model, whole.in_place, config)
     if state_dict is not None:
-        _fill(built, state_dict, name)
-    return sites, built, also
+        _fill(built, whole, state_dict, name)
+    return sites, built, whole, in_place
+
+
+def _build_model_adapter(model: nn.Module, config: MethodConfig, name: str, initialize: bool) -> ModelAdapter | None:
+    if not config.model_adapter:
+        return None
+    root = model._modules.get(ROOT)
+    if ROOT in model.__dict__ or (root is not None and not isinstance(root, ModelSlot)):
+        raise PeftlabError(f"the model already has an attribute {ROOT!r}; peftlab cannot attach "
+                           f"method {config.method!r} (a model-level adapter) there")
+    return config.build_model(model, initialize)
+
+
+def _check_in_place_free(model: nn.Module, in_place: dict[str, nn.Parameter], config: MethodConfig) -> None:
+    """A model-level adapter never trains a parameter another adapter trains in place: each detach puts
+    back its own snapshot, so two claims on one parameter would undo each other."""
+    state = model.__dict__.get("_peftlab")
+    for other, values in (state.in_place.items() if state else ()):
+        shared = sorted(set(values) & set(in_place))
+        if shared:
+            raise PeftlabError(f"method {config.method!r} would train {shared[0]} in place, which adapter {other!r} "
+                               "trains already: detach it first, or narrow targets/also_train")
 
 
 def _install(model: nn.Module, config: MethodConfig, name: str, sites: list[Site], built: dict[str, Adapter],
-             also: dict[str, nn.Parameter]) -> None:
-    """Put built adapters in place: freeze the base, subtract residuals, mark `also` trainable.
+             whole: ModelAdapter | None, in_place: dict[str, nn.Parameter]) -> None:
+    """Put built adapters in place: freeze the base, subtract residuals, mark `in_place` trainable,
+    install the model-level adapter and its hooks.
 
     Nothing here can fail on bad input; `_build` checked it all.
     """
@@ -326,24 +405,54 @@ def _install(model: nn.Module, config: MethodConfig, name: str, sites: list[Site
         adapter = built[s.name].to(device=s.kind.matrix(s.host).device).train(s.host.training)
         if adapter.has_residual:
             weight = s.kind.matrix(s.host)
-            slot.history.append(("residual", name, weight.detach().clone()))
+            slot.history.append(Snapshot("residual", name, weight.detach().clone()))
             s.kind.write(s.host, weight - adapter.residual().to(weight.dtype))
         slot[name] = adapter
-    state.also_train[name] = {k: p.detach().clone() for k, p in also.items()}
-    for p in also.values():
+    state.in_place[name] = {k: p.detach().clone() for k, p in in_place.items()}
+    for p in in_place.values():
         p.requires_grad_(True)
-    trainable = {f"{site}.{ADAPTERS}.{name}.{k}": p.requires_grad
-                 for site, a in built.items() for k, p in a.named_parameters()}
-    state.groups[name] = Group(config, built, trainable)
+    group = Group(config, built, {})
+    if whole is not None:
+        _install_model_adapter(model, state, name, group, whole)
+    group.trainable = {f"{prefix}{k}": p.requires_grad for prefix, a in _prefixed(built, whole, name)
+                       for k, p in a.named_parameters()}
+    state.groups[name] = group
     state.active.append(name)
 
 
-def _fill(built: dict[str, Adapter], state_dict: dict[str, Tensor], name: str) -> None:
+def _install_model_adapter(model: nn.Module, state: State, name: str, group: Group, whole: ModelAdapter) -> None:
+    root = model._modules.get(ROOT)
+    if root is None:
+        root = ModelSlot()
+        model.add_module(ROOT, root)
+    device = next((p.device for p in model.parameters()), None)
+    root[name] = whole.to(device=device).train(model.training)
+    group.model = whole
+    group.hooks = ModelHooks(lambda: name in state.active and not state.disabled)
+    whole.install(model, group.hooks)
+
+
+def _prefixed(sites: dict[str, Adapter], whole: ModelAdapter | None, name: str) -> list[tuple[str, nn.Module]]:
+    """(state-dict prefix, adapter) for every adapter under one name: `<site>.adapters.<name>.` for a site
+    adapter, `adapters.<name>.` for the model-level one."""
+    pairs: list[tuple[str, nn.Module]] = [(f"{site}.{ADAPTERS}.{name}.", a) for site, a in sites.items()]
+    if whole is not None:
+        pairs.append((f"{ROOT}.{name}.", whole))
+    return pairs
+
+
+def adapter_tensors(group: Group, name: str) -> dict[str, Tensor]:
+    """Every adapter tensor of a group under the key model.state_dict() gives it (what native save writes)."""
+    return {prefix + k: t for prefix, a in _prefixed(group.sites, group.model, name) for k, t in a.state_dict().items()}
+
+
+def _fill(built: dict[str, Adapter], whole: ModelAdapter | None, state_dict: dict[str, Tensor], name: str) -> None:
     """Load saved values into freshly built adapters, checking every key and shape first."""
-    expected = {f"{site}.{ADAPTERS}.{name}.{k}": t for site, a in built.items() for k, t in a.state_dict().items()}
+    owners = _prefixed(built, whole, name)
+    expected = {prefix + k: t for prefix, a in owners for k, t in a.state_dict().items()}
     missing = sorted(set(expected) - set(state_dict))
     marker = f".{ADAPTERS}.{name}."
-    unexpected = sorted(k for k in state_dict if marker in k and k not in expected)
+    unexpected = sorted(k for k in state_dict if marker in "." + k and k not in expected)
     if unexpected:
         raise PeftlabError(f"saved adapter has {len(unexpected)} tensor(s) this model has no place for, e.g. "
                            f"{unexpected[0]}: it was made for another model or config")
@@ -355,8 +464,7 @@ def _fill(built: dict[str, Adapter], state_dict: dict[str, Tensor], name: str) -
                 f"saved tensor {key} has shape {tuple(state_dict[key].shape)}, this model needs {tuple(tensor.shape)}: "
                 "the adapter was made for another model"
             )
-    for site, adapter in built.items():
-        prefix = f"{site}.{ADAPTERS}.{name}."
+    for prefix, adapter in owners:
         adapter.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=False)
 
 
@@ -390,7 +498,9 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None, keep_merge
                 host = slot.host
                 del host._modules[ADAPTERS]
                 del host.__dict__["forward"]
-        _put_back(model, state.also_train.pop(n))
+        if group.model is not None:
+            _uninstall_model_adapter(model, group, n)
+        _put_back(model, state.in_place.pop(n))
         del state.groups[n]
         if n in state.active:
             state.active.remove(n)
@@ -403,15 +513,23 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None, keep_merge
     return model
 
 
+def _uninstall_model_adapter(model: nn.Module, group: Group, name: str) -> None:
+    group.hooks.remove()
+    root = model._modules[ROOT]
+    del root[name]
+    if not len(root):
+        del model._modules[ROOT]
+
+
 def _learned_tensors(model: nn.Module, state: State) -> dict[str, Tensor]:
-    """Copies of what the adapters changed: merged host weights and trained also_train parameters."""
+    """Copies of what the adapters changed: merged host weights and parameters trained in place."""
     learned = {}
     for group_name, group in state.groups.items():
         for site in group.sites:
             for pname, p in model.get_submodule(site).named_parameters(recurse=False):
                 learned[f"{site}.{pname}"] = p.detach().clone()
         params = dict(model.named_parameters())
-        learned.update({k: params[k].detach().clone() for k in state.also_train[group_name]})
+        learned.update({k: params[k].detach().clone() for k in state.in_place[group_name]})
     return learned
 
 
@@ -423,17 +541,19 @@ def _put_back(model: nn.Module, values: dict[str, Tensor]) -> None:
 
 
 def _restore(slot: AdapterSlot, reason: str, name: str) -> None:
-    if not slot.history or slot.history[-1][:2] != (reason, name):
-        top = slot.history[-1][:2] if slot.history else None
+    if not slot.history or (slot.history[-1].reason, slot.history[-1].name) != (reason, name):
+        top = (slot.history[-1].reason, slot.history[-1].name) if slot.history else None
         raise PeftlabError(
             f"cannot undo {reason} of {name!r} on {type(slot.host).__name__}: {top} was applied after it; "
             "undo in reverse order (unmerge/detach the later adapter first)"
         )
-    _, _, weight = slot.history.pop()
-    if weight is not None:
-        slot.kind.write(slot.host, weight)
+    snapshot = slot.history.pop()
+    if snapshot.weight is not None:
+        slot.kind.write(slot.host, snapshot.weight)
     else:  # merged without a snapshot: additive methods subtract their delta
         slot.kind.write(slot.host, slot.kind.matrix(slot.host) - slot[name].delta_weight())
+    if snapshot.bias is not None:
+        host_bias(slot.host).data.copy_(snapshot.bias)
 
 
 def merge(model: nn.Module, name: str | Iterable[str] | None = None, keep_original: bool = True) -> nn.Module:
@@ -445,24 +565,37 @@ def merge(model: nn.Module, name: str | Iterable[str] | None = None, keep_origin
     state = state_of(model)
     names = adapter_names(state, name)
     for n in names:  # refuse before touching anything
-        group = state.groups[n]
-        weightless = [a for a in group.sites.values() if not a.weight_form]
-        if weightless:
-            raise PeftlabError(f"adapter {n!r} ({group.config.method}) has no weight form and cannot be merged; "
-                               "keep it unmerged, or export with format='peftlab'")
-        if not keep_original and not all(a.additive for a in group.sites.values()):
-            raise PeftlabError(f"adapter {n!r} is not additive: merge it with keep_original=True to unmerge later")
+        _check_mergeable(model, n, state.groups[n], keep_original)
     with torch.no_grad():
         for n in names:
             for site, adapter in state.groups[n].sites.items():
                 slot = _slot(model.get_submodule(site))
                 if n in slot.merged:
                     continue
-                weight = slot.kind.matrix(slot.host)
-                slot.history.append(("merge", n, weight.detach().clone() if keep_original else None))
-                slot.kind.write(slot.host, adapter.merged_weight(weight))
+                weight, bias = slot.kind.matrix(slot.host), host_bias(slot.host) if adapter.changes_bias else None
+                merged_weight = adapter.merged_weight(weight)
+                slot.history.append(Snapshot("merge", n, weight.detach().clone() if keep_original else None,
+                                             None if bias is None else bias.detach().clone()))
+                if bias is not None:
+                    bias.copy_(adapter.merged_bias(bias))
+                slot.kind.write(slot.host, merged_weight)
                 slot.merged.append(n)
     return model
+
+
+def _check_mergeable(model: nn.Module, name: str, group: Group, keep_original: bool) -> None:
+    """Refuse a merge that cannot be done (or undone) exactly, naming the adapter, the method and why."""
+    every = list(group.adapters().values())
+    if not all(a.weight_form for a in every):
+        raise PeftlabError(f"adapter {name!r} ({group.config.method}) has no weight form and cannot be merged: "
+                           "its change is not a function of the weights alone; keep it unmerged, or export with "
+                           "format='peftlab'")
+    if not keep_original and not all(a.additive for a in every):
+        raise PeftlabError(f"adapter {name!r} is not additive: merge it with keep_original=True to unmerge later")
+    for site, adapter in group.sites.items():
+        if adapter.changes_bias and host_bias(model.get_submodule(site)) is None:
+            raise PeftlabError(f"adapter {name!r} ({group.config.method}) shifts the output of {site}, which has no "
+                               "bias to fold the shift into: keep it unmerged, or leave that layer out of targets")
 
 
 def unmerge(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Module:
@@ -490,7 +623,7 @@ def disabled(model: nn.Module):
     """Within the block the model computes as the base model (also_train modules included)."""
     state = state_of(model)
     trained = {}
-    for values in state.also_train.values():
+    for values in state.in_place.values():
         params = dict(model.named_parameters())
         trained.update({k: params[k].detach().clone() for k in values})
         _put_back(model, values)
@@ -523,6 +656,10 @@ def per_example(model: nn.Module, names: list[str | None]):
     unknown = {n for n in names if n is not None and n not in state.groups}
     if unknown:
         raise PeftlabError(f"per_example names unknown adapters {sorted(unknown)}; attached: {list(state.groups)}")
+    whole = [n for n, g in state.groups.items() if g.model is not None]
+    if whole:
+        raise PeftlabError(f"per_example routes examples through host layers, but adapter {whole[0]!r} "
+                           f"({state.groups[whole[0]].config.method}) acts on the whole model: detach it first")
     state.routing = list(names)
     try:
         yield model
@@ -533,7 +670,7 @@ def per_example(model: nn.Module, names: list[str | None]):
 def adapters(model: nn.Module, name: str) -> dict[str, Adapter]:
     """Site name -> adapter for one attached name."""
     state = state_of(model)
-    return state.groups[adapter_names(state, name)[0]].sites
+    return state.groups[adapter_names(state, name)[0]].adapters()
 
 
 def adapter_configs(model: nn.Module) -> dict[str, MethodConfig]:
@@ -562,26 +699,31 @@ def step(model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None = 
             if optimizer is None:
                 raise PeftlabError(f"method {group.config.method!r} changes optimizer state after each step: "
                                    "call peftlab.step(model, step, optimizer=<your optimizer>)")
-            group.config.after_step(group.sites, step, optimizer=optimizer)
+            group.config.after_step(group.adapters(), step, optimizer=optimizer)
         else:
-            group.config.after_step(group.sites, step)
+            group.config.after_step(group.adapters(), step)
 
 
 def regularization(model: nn.Module) -> Tensor | None:
     """The sum of the active methods' regularisers (None if none adds one)."""
     state = state_of(model)
-    terms = [state.groups[n].config.loss(state.groups[n].sites) for n in state.active
+    terms = [state.groups[n].config.loss(state.groups[n].adapters()) for n in state.active
              if state.groups[n].config.adds_loss]
     terms = [t for t in terms if t is not None]
     return torch.stack(terms).sum() if terms else None
 
 
 def param_groups(model: nn.Module, lr: float) -> list[dict]:
-    """Optimizer parameter groups: each active method's own, then also_train parameters."""
+    """Optimizer parameter groups: each active method's own, then the parameters trained in place.
+
+    Every in-place parameter joins, trainable now or not: a method that freezes and unfreezes them
+    during training (LISA, HFT) finds them in the optimizer; a frozen one has no gradient, so the
+    optimizer skips it and keeps no state for it.
+    """
     state = state_of(model)
-    groups = [g for n in state.active for g in state.groups[n].config.param_groups(state.groups[n].sites, lr)]
+    groups = [g for n in state.active for g in state.groups[n].config.param_groups(state.groups[n].adapters(), lr)]
     params = dict(model.named_parameters())
-    extra = [params[k] for n in state.active for k in state.also_train[n] if params[k].requires_grad]
+    extra = [params[k] for n in state.active for k in state.in_place[n]]
     if extra:
         groups.append({"params": extra, "lr": lr})
     return [g for g in groups if g["params"]]
@@ -596,7 +738,7 @@ def summary(model: nn.Module) -> str:
         params = dict(model.named_parameters())
         for n, group in state.groups.items():
             count = sum(params[k].numel() for k, flag in group.trainable.items() if flag)
-            count += sum(v.numel() for v in state.also_train[n].values())
+            count += sum(v.numel() for v in state.in_place[n].values())
             rows.append((n + ("" if n in state.active else " (off)"), group.config.method, str(len(group.sites)),
                          f"{count:,}", f"{100 * count / total:.3f}%"))
     trainable = sum(p.numel() for p in trainable_parameters(model).values())

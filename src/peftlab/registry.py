@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .core import Adapter, PeftLoRA
     from .hosts import HostKind
+    from .model_level import ModelAdapter
 
 
 @dataclass
@@ -110,6 +111,13 @@ class MethodConfig:
     # for methods with a schedule over it) and "lr" (its learning rate). The training recipe
     # fills the ones a run config leaves unset (see RUN_FIELDS).
     run_fields: ClassVar[tuple[str, ...]] = ()
+    # Where the method acts (peftlab.model_level): build() at each site `targets` selects, and/or
+    # one build_model() for the whole model (inputs, attention, parameters trained in place).
+    site_adapters: ClassVar[bool] = True
+    model_adapter: ClassVar[bool] = False
+    # The peft adapter type save(format="peft") writes: "LORA" through peft_lora/peft_config (below);
+    # any other type (IA3, LN_TUNING, ...) through peft_export and, for load, peft_import.
+    peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self) -> None:
         self.check_shapes()
@@ -159,6 +167,11 @@ class MethodConfig:
     def build(self, site: Site, stats: Any = None, initialize: bool = True) -> "Adapter":
         raise PeftlabError(f"method {self.method!r} does not build adapters")
 
+    def build_model(self, model: "nn.Module", initialize: bool = True) -> "ModelAdapter":
+        """The model-level adapter (only called when model_adapter is True). Touches nothing: the
+        core installs it; initialize=False when saved values will be loaded into it."""
+        raise PeftlabError(f"method {self.method!r} has no model-level adapter")
+
     def calibrate(self, model: "nn.Module", sites: list[Site], calibration: Any) -> dict[str, Any]:
         """Per-site statistics from calibration batches; only called when needs_calibration."""
         return {}
@@ -186,6 +199,23 @@ class MethodConfig:
     def peft_config(self) -> dict[str, Any]:
         """adapter_config.json values peft reads besides the factors (use_dora, use_rslora, lora_dropout)."""
         return {}
+
+    def peft_export(self, model: "nn.Module", adapters: dict[str, Any],
+                    in_place: dict[str, "Tensor"]) -> tuple[dict[str, Any], dict[str, "Tensor"]]:
+        """A method whose peft_type is not LORA: (adapter_config.json keys besides peft_type and the
+        common ones, tensors keyed as peft saves them without the "base_model.model." prefix), from
+        the attached adapters (site -> adapter, "" -> the model-level one) and in-place values."""
+        raise PeftlabError(f"method {self.method!r} has no peft {self.peft_type} form")
+
+    @classmethod
+    def peft_import(cls, model: "nn.Module", document: dict[str, Any], tensors: dict[str, "Tensor"],
+                    exact_pattern: Callable[[str], str]
+                    ) -> tuple["MethodConfig", dict[str, dict[str, "Tensor"]], dict[str, "Tensor"]]:
+        """The reverse of peft_export for one peft directory (tensors without the "base_model.model."
+        prefix): (config, site -> {adapter key: tensor} ("" for the model-level adapter), parameter
+        name -> value trained in place). exact_pattern(name) is a targets pattern selecting that
+        module alone."""
+        raise PeftlabError(f"method {cls.method!r} cannot read peft {cls.peft_type} adapters")
 
     # ---- per-site values and JSON ---------------------------------------------------------
 

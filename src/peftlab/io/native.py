@@ -8,8 +8,10 @@
          "active": [names], "tensors_sha256": <sha256 of the tensor file>}
     adapter_model.safetensors
         every adapter tensor under the key model.state_dict() gives it
-        (`<site>.adapters.<name>.A`, buffers such as PiSSA's A0/B0 included), and each
-        also_train parameter under its own name (`classifier.weight`).
+        (`<site>.adapters.<name>.A`, buffers such as PiSSA's A0/B0 included; a model-level
+        adapter's at `adapters.<name>.<key>`), and each parameter trained in place (also_train
+        modules, a model-level adapter's in_place: BitFit's biases) under its own name
+        (`classifier.weight`); "also_train" in the config lists them all with their shapes.
 
 "sites" fingerprints the base model: load compares it with the model before changing
 anything, so an adapter made for another model fails with a message naming the layer
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import core
 from ..core import ADAPTERS
+from ..model_level import ROOT
 from ..errors import PeftlabError
 from ..registry import from_json
 from . import files
@@ -55,8 +58,8 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | Iterable[st
         for site, adapter in group.sites.items():
             host = model.get_submodule(site)
             sites[site] = {"kind": adapter.kind.name, "shape": list(adapter.kind.matrix(host).shape)}
-            tensors.update({f"{site}.{ADAPTERS}.{n}.{k}": t for k, t in adapter.state_dict().items()})
-        also = {k: params[k] for k in state.also_train[n]}
+        tensors.update(core.adapter_tensors(group, n))
+        also = {k: params[k] for k in state.in_place[n]}
         tensors.update(also)
         entries[n] = {"config": group.config.to_json(), "sites": sites,
                       "also_train": {k: list(p.shape) for k, p in also.items()}}
@@ -125,6 +128,6 @@ def _plan(directory: Path, name: str, entry: Any, tensors: dict[str, Tensor]) ->
     if missing:
         raise PeftlabError(f"{directory / WEIGHTS_FILE} lacks the also_train parameter {missing[0]!r} that "
                            f"{CONFIG_FILE} lists; {DAMAGED}")
-    prefixes = tuple(f"{site}.{ADAPTERS}.{name}." for site in sites)
+    prefixes = tuple(f"{site}.{ADAPTERS}.{name}." for site in sites) + (f"{ROOT}.{name}.",)
     own = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
     return Plan(name, config, own, sites, directory, {k: tensors[k] for k in also_keys})

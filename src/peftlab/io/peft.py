@@ -47,9 +47,15 @@ the initial factors are recomputed from the base weights (exact SVD/QR: determin
 and the saved A, B continue from them. Fields peftlab cannot honour (bias, lora_bias,
 LoftQ, CorDA, LoRA-GA, randomised PiSSA, layer replication, trainable tokens, ...) raise
 PeftlabError naming the field.
+
+Other peft adapter types: a method whose config declares a peft_type other than "LORA"
+(IA3, LN_TUNING) writes its own tensors and config keys (MethodConfig.peft_export) and reads
+them back (peft_import); this module adds the common keys, the prefix, modules_to_save and
+the directory layout. load picks the method by the file's peft_type.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -65,13 +71,17 @@ from .. import core
 from ..core import ADAPTERS, PeftLoRA
 from ..errors import PeftlabError
 from ..hosts import HostKind, host_kind
-from ..registry import MethodConfig, config as make_config, method_class
+from ..model_level import MODEL, ROOT
+from ..registry import MethodConfig, config as make_config, method_class, methods
 from ..targets import overrides_for
 from . import files
 from .files import CONFIG_FILE, DAMAGED, WEIGHTS_FILE
 from .plan import Plan, install, not_adaptable, pick
 
 PEFT_PREFIX = "base_model.model."
+# Keys peft writes at the top level, without PEFT_PREFIX: prompt learning's virtual tokens
+# (PROMPT_TUNING, P_TUNING, PREFIX_TUNING: the tokens as the model sees them).
+PEFT_TOP_LEVEL = ("prompt_embeddings",)
 
 
 def save(model: nn.Module, directory: str | os.PathLike, name: str | Iterable[str] | None = None) -> Path:
@@ -95,6 +105,12 @@ def save(model: nn.Module, directory: str | os.PathLike, name: str | Iterable[st
 def _document(model: nn.Module, group: core.Group, name: str) -> tuple[dict, dict[str, Tensor]]:
     """The adapter_config.json content and the tensors of one adapter in peft's layout."""
     config = group.config
+    if config.peft_type != "LORA":
+        return _other_document(model, group, name)
+    if group.model is not None:
+        raise PeftlabError(f"adapter {name!r} is {config.method!r}, which acts on the whole model rather than as a "
+                           "low-rank change of layers, and peft has no format for it: save it with "
+                           "format='peftlab', or merge it into the model (peftlab merge)")
     keys = {"lora_dropout": 0.0, "use_rslora": False, "use_dora": False, **config.peft_config()}
     tensors: dict[str, Tensor] = {}
     rank_alpha: dict[str, tuple[int, float]] = {}
@@ -114,12 +130,7 @@ def _document(model: nn.Module, group: core.Group, name: str) -> tuple[dict, dic
     by_length = sorted(rank_alpha, key=len, reverse=True)
     modules_to_save = _modules_to_save(model, config, name, tensors)
     document = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "revision": None,
-        "inference_mode": True,
+        **_common_keys(model, "LORA"),
         "r": r,
         "lora_alpha": _number(alpha),
         **keys,  # lora_dropout, use_rslora, use_dora and any other key the method declares
@@ -135,6 +146,27 @@ def _document(model: nn.Module, group: core.Group, name: str) -> tuple[dict, dic
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    return document, tensors
+
+
+def _common_keys(model: nn.Module, peft_type: str) -> dict[str, Any]:
+    """adapter_config.json keys every peft adapter type has."""
+    return {"peft_type": peft_type, "task_type": None,
+            "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+            "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "revision": None, "inference_mode": True}
+
+
+def _other_document(model: nn.Module, group: core.Group, name: str) -> tuple[dict, dict[str, Tensor]]:
+    """A method with its own peft type (IA3, LN_TUNING): its keys and tensors, plus the common ones."""
+    config = group.config
+    params = dict(model.named_parameters())
+    in_place = {k: params[k].detach() for k in core.state_of(model).in_place[name]}
+    keys, own = config.peft_export(model, group.adapters(), in_place)
+    tensors = {(k if k in PEFT_TOP_LEVEL else PEFT_PREFIX + k): t.detach() for k, t in own.items()}
+    modules_to_save = _modules_to_save(model, config, name, tensors)
+    document = {**_common_keys(model, config.peft_type), "exclude_modules": None,
+                "modules_to_save": modules_to_save or None, **keys}
     return document, tensors
 
 
@@ -269,8 +301,9 @@ def _peft_layout(directory: Path) -> dict[str, Path]:
 
 def _check_peft_fields(document: dict, path: Path) -> None:
     if document.get("peft_type") != "LORA":
+        others = sorted({method_class(m).peft_type for m in methods()} - {"LORA"})
         raise PeftlabError(f"{path} holds a peft {document.get('peft_type')!r} adapter; peftlab imports peft's LORA "
-                           "adapters (LoRA, rsLoRA, DoRA) only")
+                           f"adapters (LoRA, rsLoRA, DoRA) and {', '.join(others)} ones only")
     for key, value in document.items():
         if key in _PEFT_MAPPED or key in _PEFT_IGNORED:
             continue
@@ -304,6 +337,8 @@ def _peft_plan(model: nn.Module, directory: Path, name: str) -> Plan:
     """One peft adapter directory as a Plan for peftlab's LoRA or DoRA."""
     path = directory / CONFIG_FILE
     document = files.read_json(path)
+    if document.get("peft_type") != "LORA" and _method_for(document.get("peft_type")) is not None:
+        return _other_plan(model, directory, document, name)
     _check_peft_fields(document, path)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
@@ -328,6 +363,52 @@ def _peft_plan(model: nn.Module, directory: Path, name: str) -> Plan:
         raise PeftlabError(f"{path}: {err}") from None
     return Plan(name, config, state_dict, fingerprint, directory, also_train,
                 initial_from_base=init in _PEFT_RESIDUAL_INITS)
+
+
+def _method_for(peft_type: Any) -> type[MethodConfig] | None:
+    """The registered method that reads peft adapters of `peft_type` (other than LORA), if any."""
+    for method in methods():
+        cls = method_class(method)
+        if cls.peft_type == peft_type and cls.peft_type != "LORA":
+            return cls
+    return None
+
+
+def _other_plan(model: nn.Module, directory: Path, document: dict, name: str) -> Plan:
+    """One peft adapter directory of a type a method reads itself (IA3, LN_TUNING) as a Plan."""
+    path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise files.no_adapter_files(directory)
+    label = f"adapter {name!r} in {directory}"
+    tensors = files.read_tensors(weights)
+    unprefixed = [k for k in tensors if not k.startswith(PEFT_PREFIX) and k not in PEFT_TOP_LEVEL]
+    if unprefixed:
+        raise PeftlabError(f"{weights} holds {unprefixed[0]!r}, which lacks peft's {PEFT_PREFIX!r} prefix: not a "
+                           "file written by peft's save_pretrained")
+    saved = document.get("modules_to_save") or []
+    own, plain = {}, {}
+    for key, value in tensors.items():
+        rest = key if key in PEFT_TOP_LEVEL else key[len(PEFT_PREFIX):]
+        owners = [".".join(rest.split(".")[:i]) for i in range(1, rest.count(".") + 1)]
+        listed = any(owner == m or owner.endswith("." + m) for owner in owners for m in saved)
+        (plain if listed else own)[rest] = value
+    cls = _method_for(document["peft_type"])
+    try:
+        config, per_site, in_place = cls.peft_import(model, document, own, lambda n: exact_pattern(model, n))
+        also_train = _peft_also_train(model, plain, saved, label)
+        config = dataclasses.replace(config, also_train=sorted({exact_pattern(model, k.rsplit(".", 1)[0])
+                                                                for k in also_train}))
+    except PeftlabError as err:
+        raise PeftlabError(f"{path}: {err}") from None
+    state_dict, fingerprint = {}, {}
+    modules = dict(model.named_modules())
+    for site, values in per_site.items():
+        prefix = f"{ROOT}.{name}." if site == MODEL else f"{site}.{ADAPTERS}.{name}."
+        state_dict.update({prefix + k: v for k, v in values.items()})
+        if site != MODEL:
+            kind = host_kind(modules[site])
+            fingerprint[site] = (kind.name, tuple(kind.matrix(modules[site]).shape))
+    return Plan(name, config, state_dict, fingerprint, directory, {**in_place, **also_train})
 
 
 def _peft_sites(model: nn.Module, document: dict, per_site: dict[str, dict[str, Tensor]], method: str, name: str,

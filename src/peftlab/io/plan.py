@@ -94,8 +94,8 @@ def check_fits(model: nn.Module, plan: Plan) -> None:
                            f"(peftlab.detach(model, {plan.name!r})) or load the others with name=[...]")
     _check_layers(model, plan)
     try:
-        selected = [s.name for s in core.sites_for(model, plan.config)]
-        trained = core.also_train_parameters(model, list(plan.config.also_train))
+        selected = [s.name for s in core.sites_for(model, plan.config)] if plan.config.site_adapters else []
+        trained = core.in_place_parameters(model, plan.config)
     except PeftlabError as err:
         raise PeftlabError(f"{label} does not fit this model: {err}") from None
     extra = [s for s in selected if s not in plan.sites]
@@ -107,10 +107,23 @@ def check_fits(model: nn.Module, plan: Plan) -> None:
     if unselected:
         raise PeftlabError(f"{label} is inconsistent: it holds layer {unselected[0]!r}, which its own targets do not "
                            f"select; {DAMAGED}")
+    _check_in_place_values(model, plan, trained)
+
+
+def _check_in_place_values(model: nn.Module, plan: Plan, trained: dict[str, nn.Parameter]) -> None:
+    """The file's in-place values are those of this model's parameters the config trains, all of the
+    model-level adapter's among them (a missing one would silently keep the base value)."""
+    label = plan.label
+    own = set(trained) - set(core.also_train_parameters(model, list(plan.config.also_train)))
+    missing = sorted(own - set(plan.also_train))
+    if missing:
+        raise PeftlabError(f"{label} lacks the value of {missing[0]!r} ({len(missing)} parameter(s) in all), which "
+                           f"method {plan.config.method!r} trains in place on this model: it was made for another "
+                           "model. Load it onto the base model it was trained on")
     for key, value in plan.also_train.items():
         if key not in trained:
             raise PeftlabError(f"{label} was made for another model: it holds a value for parameter {key!r}, which "
-                               "this model's also_train modules do not have. Load it onto the base model it was "
+                               "the adapter does not train on this model. Load it onto the base model it was "
                                "trained on")
         if tuple(trained[key].shape) != tuple(value.shape):
             raise PeftlabError(f"{label} was made for another model: parameter {key!r} has shape "

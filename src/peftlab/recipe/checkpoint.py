@@ -69,10 +69,14 @@ def scratch_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors (parameters and buffers) plus every parameter that trains."""
+    """Adapter tensors (parameters and buffers; at a site, `<site>.adapters.*`, or model-level,
+    `adapters.*`), every parameter trained in place, frozen now or not (LISA and HFT re-draw the
+    set that trains), and every other parameter that trains (the baselines)."""
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.__dict__.get("_peftlab")  # None for a baseline: nothing attached
+    in_place = {k for values in state.in_place.values() for k in values} if state is not None else set()
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if ".adapters." in k or k in trained}
+            if ".adapters." in f".{k}" or k in trained or k in in_place}
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

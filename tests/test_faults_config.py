@@ -90,7 +90,7 @@ def test_the_cli_refuses_them_in_a_config_file(model_dir, tmp_path, text, phrase
     ("data.split=[true, 0, 0]", ("data.split = [True, 0, 0]", "three fractions")),
     ("optimizer.betas=[[0.9], 0.999]", ("optimizer.betas", "a list of 2 numbers")),
     ("optimizer.amsgrad=1", ("optimizer.amsgrad = 1", "true or false")),
-    ("loss.weight=[1, 2]", ("loss.weight = [1, 2]", "a single value")),
+    ("loss.label_smoothing=[0.1, 0.2]", ("loss.label_smoothing = [0.1, 0.2]", "a number")),
 ])
 def test_every_section_refuses_them_naming_the_key(model_dir, capsys, override, phrases):
     code = cli.main(["train", "--print-config", "--set", f"model={model_dir}", "--set", override])

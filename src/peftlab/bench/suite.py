@@ -9,7 +9,8 @@ A suite file (bench/suites/<name>.yaml) says what to compare and how:
     seeds:          [0, 1, 2]; final runs repeat per seed
     methods:        all | [registry names]; `all` is expanded when the bench runs, so a
                     newly registered method joins without editing the suite
-    baselines:      [head-only, full]: the linear probe and full fine-tuning
+    baselines:      [head-only, full, full-galore, ...]: the linear probe and full fine-tuning (full-*:
+                    with that optimizer; the suite's overrides give its optimizer section)
     exclude:        {method: reason} left out of `all`; the report lists them with the reason
     method_fields:  fields given to every method that has a field of that name (r, alpha,
                     targets, total_steps, ...); a method without the field ignores it
@@ -49,7 +50,7 @@ import yaml
 
 from ..errors import PeftlabError
 
-BASELINES = ("head-only", "full")
+BASELINES = ("head-only", "full", "full-galore", "full-fira", "full-frugal")  # recipe/adaptation.py
 SUITE_KEYS = ("name", "description", "run", "tasks", "seeds", "methods", "baselines", "exclude", "method_fields",
               "overrides", "lr", "lr_extend", "select", "peer", "forgetting", "workers", "threads")
 TEMPLATES = ("steps", "lr")  # "{steps}", "{lr}" in a suite: the run's train.steps and learning rate

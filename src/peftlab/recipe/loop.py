@@ -9,6 +9,7 @@ peftlab's part of each step:
   - the optimizer is built from the adaptation's parameter groups
   - the loss is the configured one over labelled positions, plus the adaptation's regulariser
   - the adaptation's `after_step` runs after every optimizer step (StepHook)
+  - a two-pass optimizer (SAM) gets its second forward and backward at the perturbed weights
   - a NaN/inf loss, or a logged loss over train.max_loss_ratio times the first, stops the run
     naming the step and the last good checkpoint (TrainingDiverged)
   - checkpoints are peftlab's own (safetensors + JSON, atomic; see checkpoint.py) and carry the
@@ -19,6 +20,7 @@ This module imports transformers' Trainer (seconds): trainer.py imports it only 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -26,6 +28,7 @@ import time
 from typing import Any
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
@@ -34,6 +37,7 @@ from .adaptation import Adaptation
 from .config import RunConfig, Schedule, Train, loss_function, optimizer_class
 from .metrics import classification_metrics
 from ..errors import PeftlabError
+from ..optim import SAM, OptimizerConfig
 
 
 class TrainingDiverged(PeftlabError):
@@ -105,8 +109,7 @@ class PeftlabTrainer(Trainer):
         self.add_callback(RestoreLoggingWindow(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        result = self._model_and_task_loss(model, inputs, return_outputs, num_items_in_batch)
         if not model.training:
             return result
         loss = result[0] if return_outputs else result
@@ -115,6 +118,33 @@ class PeftlabTrainer(Trainer):
             loss = loss + extra / self.current_gradient_accumulation_steps
         self._stop_if_not_finite(loss)
         return (loss, result[1]) if return_outputs else loss
+
+    def _model_and_task_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The Trainer's forward and task loss; the batch's example ids (training batches carry them)
+        go to the loss only, as the model takes no such input."""
+        if data.EXAMPLE_IDS not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        inputs = dict(inputs)
+        plain_loss = self.compute_loss_func
+        self.compute_loss_func = functools.partial(plain_loss, example_ids=inputs.pop(data.EXAMPLE_IDS))
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            self.compute_loss_func = plain_loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One batch's forward and backward; with SAM (a two-pass optimizer) a second pass at the
+        perturbed weights W + e, whose gradient the optimizer step then uses (optim/sam.py). The
+        loss logged is the first pass's, at W."""
+        optimizer = self.optimizer.optimizer if isinstance(self.optimizer, AcceleratedOptimizer) else self.optimizer
+        if not isinstance(optimizer, SAM):
+            return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, dict(inputs), num_items_in_batch)  # a copy: compute_loss pops labels
+        optimizer.perturb()
+        super().training_step(model, dict(inputs), num_items_in_batch)
+        return loss
 
     def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
@@ -215,28 +245,51 @@ def task_loss(kind: str, loss: dict[str, Any]):
 
     It sums over the examples (or answer tokens) and divides by their count over the whole
     optimizer step, all accumulated batches and processes together (`num_items_in_batch`), so
-    2 processes x batch b compute the same loss and gradients as 1 process x batch 2b.
+    2 processes x batch b compute the same loss and gradients as 1 process x batch 2b. The
+    batch's extra fields (`example_ids` of training batches) go to the loss by keyword.
     """
-    fn = loss_function(loss["name"])
-    kwargs = {k: v for k, v in loss.items() if k != "name"}
+    fn = _loss_callable(loss)
 
-    def compute(outputs, labels, num_items_in_batch=None):
+    def compute(outputs, labels, num_items_in_batch=None, **batch):
         logits = outputs["logits"]  # (batch, classes) or (batch, tokens, vocabulary)
         if kind == "sft":  # token t predicts token t+1
             logits, labels = logits[:, :-1], labels[:, 1:]
         logits = logits.reshape(-1, logits.shape[-1]).float()
         labels = labels.reshape(-1).to(logits.device)
-        per_item = fn(logits, labels, reduction="none", ignore_index=data.IGNORE_INDEX, **kwargs)
+        per_item = fn(logits, labels, reduction="none", ignore_index=data.IGNORE_INDEX, **batch)
         count = num_items_in_batch if num_items_in_batch is not None else (labels != data.IGNORE_INDEX).sum()
         return per_item.sum() / count
 
     return compute
 
 
+def _loss_callable(loss: dict[str, Any]):
+    """(logits, labels, reduction, ignore_index, **batch) -> losses: one of peftlab.losses (one object
+    for the run: ALDR-KL keeps its lambdas in it), or a torch.nn.functional loss, which takes no
+    batch fields."""
+    from ..losses import losses
+
+    target = loss_function(loss["name"])
+    fields = {k: v for k, v in loss.items() if k != "name"}
+    if loss["name"] in losses():
+        return target(**fields)
+
+    def functional(logits, labels, *, reduction, ignore_index, **batch):
+        return target(logits, labels, reduction=reduction, ignore_index=ignore_index, **fields)
+
+    return functional
+
+
 def build_optimizer(optimizer: dict[str, Any], adapted: Adaptation) -> torch.optim.Optimizer:
-    """The configured optimizer over the adaptation's parameter groups."""
-    kwargs = {k: v for k, v in optimizer.items() if k not in ("name", "lr")}
-    return optimizer_class(optimizer["name"])(adapted.param_groups(optimizer["lr"]), lr=optimizer["lr"], **kwargs)
+    """The configured optimizer over the adaptation's parameter groups: a registered one (peftlab.optim)
+    from its config, else the torch.optim class. Here the parameters are first known: a projection
+    rank larger than a matrix (GaLore, Fira) is refused now, before the first step."""
+    fields = {k: v for k, v in optimizer.items() if k != "name"}
+    groups = adapted.param_groups(optimizer["lr"])
+    target = optimizer_class(optimizer["name"])
+    if issubclass(target, OptimizerConfig):
+        return target(**fields).build(groups)
+    return target(groups, **fields)
 
 
 def training_arguments(train: Train, schedule: Schedule, lr: float, seed: int, checkpoints: pathlib.Path,

@@ -21,7 +21,8 @@ prints it at the end of the error line). docs/runs.md describes the folder.
 
 Run directory:
     config.yaml       the resolved config (all defaults filled in)
-    task.json         the task kind, label names and split sizes (what eval/merge need besides the config)
+    task.json         the task kind, label names and split sizes (what eval/merge need besides the config);
+                      with `noise:`, which training labels were changed
     adapter/          adapter_config.json + adapter_model.safetensors (peftlab.save)
     metrics.jsonl     one JSON object per logged step and per evaluation
     tensorboard/      the same metrics for TensorBoard
@@ -90,6 +91,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
         # 3. the loop
         train_set, val_set, test_set = (data.encode(rows, task.kind, tokenizer, run.data.max_length)
                                         if rows else None for rows in (train_rows, val_rows, test_rows))
+        train_set = data.with_example_ids(train_set)  # for losses with per-example state (ALDR-KL)
         if state.is_main_process and start.checkpoint is not None:
             rundir.forget_metrics_after(run_dir, checkpoint.step_of(start.checkpoint))
         trainer = loop.make_trainer(run, task.kind, adapted, tokenizer, train_set, val_set, run_dir,
@@ -133,6 +135,8 @@ def _prepare(run: RunConfig, state, resume: bool, overwrite: bool):
     run.output = str(run_dir)
     task = data.load(run.task, run.data, run.seed)
     rows = data.split(task.rows, tuple(run.data.split), run.seed)
+    noisy_train, noise = data.label_noise(rows[0], run.noise, len(task.label_names), run.seed)  # training only
+    rows = (noisy_train, *rows[1:])
     fill_run_fields(run, len(rows[0]))
     start = rundir.decide_start(run_dir, run, resume, overwrite)
     state.wait_for_everyone()
@@ -140,7 +144,7 @@ def _prepare(run: RunConfig, state, resume: bool, overwrite: bool):
     if state.is_main_process:
         claim = rundir.Claim.of(run_dir, start)
         rundir.begin(claim, run, {"kind": task.kind, "label_names": task.label_names,
-                                  "sizes": [len(r) for r in rows]})
+                                  "sizes": [len(r) for r in rows], **({"noise": noise} if noise else {})})
     state.wait_for_everyone()
     return run_dir, task, rows, start, claim
 

@@ -3,19 +3,22 @@
     evaluate(run_dir, data_source=None, split="test")   metrics of the trained model
     merge_run(run_dir, out)                              a plain transformers checkpoint
     export_run(run_dir, out, format="peft")              the adapter in `peft`'s format
+    combine_runs(run_dirs, out, method, weights)         one adapter combining several runs' adapters
 
 Each starts from `load_trained`: the run's base model (by the name in its config.yaml) with
 the trained adapter and head from `adapter/` put back.
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
 from . import adaptation, data, models
 from .metrics import score
 from .rundir import read_run
-from ..core import adapter_configs, detach
+from ..combine import combine
+from ..core import adapter_configs, attach, detach
 from ..errors import PeftlabError
 from ..io import files, load, save
 
@@ -123,4 +126,66 @@ def export_run(run_dir: str | pathlib.Path, out: str | pathlib.Path, format: str
     with files.new_directory(out) as scratch:
         save(model, scratch, format=format)
     echo(f"{format} adapter written to {out}")
+    return out
+
+
+# ---- combine ------------------------------------------------------------------------------------
+
+
+def attach_run_adapter(model, run_dir: str | pathlib.Path, name: str) -> None:
+    """Attach a finished run's adapter under `name`: its layers' change only, not the task head or
+    other modules it trained in full (a combination keeps each task's head apart)."""
+    from ..io.native import is_native
+    from ..registry import from_json
+
+    adapter_dir = pathlib.Path(run_dir) / "adapter"
+    config_file = adapter_dir / files.CONFIG_FILE
+    if (adapter_dir / adaptation.BASELINE_FILE).is_file():
+        raise PeftlabError(f"{run_dir} is a baseline run (head-only or full fine-tuning): it has no adapter to "
+                           "combine; pass runs of an adapter method")
+    if not config_file.is_file():
+        raise PeftlabError(f"{run_dir} has no adapter/ (the run did not finish): continue it with "
+                           f"`peftlab train --resume {run_dir}`")
+    document = files.read_json(config_file)
+    entry = document.get("adapters", {}).get(adaptation.ADAPTER_NAME) if is_native(document) else None
+    if not isinstance(entry, dict):
+        raise PeftlabError(f"{config_file} holds no peftlab adapter {adaptation.ADAPTER_NAME!r} (a peer run "
+                           "trained through peft?): combine runs trained by peftlab")
+    config = dataclasses.replace(from_json(entry["config"]), also_train=[])
+    saved_marker, marker = f".adapters.{adaptation.ADAPTER_NAME}.", f".adapters.{name}."
+    tensors = files.read_tensors(adapter_dir / files.WEIGHTS_FILE, document.get("tensors_sha256"))
+    own = {("." + k).replace(saved_marker, marker, 1)[1:]: v for k, v in tensors.items()
+           if saved_marker in "." + k}  # "<site>.adapters.default.A", or "adapters.default.*" at the root
+    attach(model, config, name, state_dict=own)
+
+
+def combine_runs(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path, method: str, weights: list[float],
+                 density: float | None = None, rank: int | None = None, seed: int = 0, format: str = "peftlab",
+                 echo=print) -> pathlib.Path:
+    """Combine the adapters of finished runs of one base model into one adapter directory `out`
+    (adapter files, the adapter named "default", + combine.json naming the inputs); see
+    peftlab.combine for the methods."""
+    if len(weights) != len(run_dirs):
+        raise PeftlabError(f"--weights has {len(weights)} value(s) for {len(run_dirs)} run(s): give one weight "
+                           "per run, e.g. --weights 0.6,0.4")
+    out = _fresh_target(out)
+    records = [read_run(r) for r in run_dirs]
+    (first, first_task), first_dir = records[0], run_dirs[0]
+    for (run, task), run_dir in zip(records[1:], run_dirs[1:]):
+        if (run.model, task["kind"]) != (first.model, first_task["kind"]):
+            raise PeftlabError(f"{run_dir} adapted {run.model} ({task['kind']}), {first_dir} adapted {first.model} "
+                               f"({first_task['kind']}): combine runs of one base model and task kind")
+    model, _ = models.load(first.model, first_task["kind"], first_task["label_names"])
+    names = [f"run{i}" for i in range(len(run_dirs))]
+    for name, run_dir in zip(names, run_dirs):
+        attach_run_adapter(model, run_dir, name)
+    # "default": the name a single adapter directory holds in both formats (peft's at the top level)
+    combine(model, dict(zip(names, weights)), method, "default", density=density, rank=rank, seed=seed)
+    record = {"runs": [str(r) for r in run_dirs], "model": first.model, "method": method, "weights": weights,
+              "density": density, "rank": rank, "seed": seed, "format": format}
+    with files.new_directory(out) as scratch:
+        save(model, scratch, format=format, name="default")
+        files.write_json(scratch / "combine.json", record)
+    echo(f"{method} of {len(run_dirs)} adapter(s) written to {out} (attach it with peftlab.load(model, "
+         f"{str(out)!r}) on {first.model}; each task keeps its own head)")
     return out

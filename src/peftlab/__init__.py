@@ -34,10 +34,37 @@ from .methods.randlora import RandLoRA
 from .methods.sora import SoRA
 from .methods.svfit import SVFit
 from .methods.vera import VeRA
+from .methods.hft import HFT
+from .methods.lisa import LISA
+from .methods.lora_moe import LoRAMoE
+from .methods.s2ft import S2FT
+from .methods.spiel import SpIEL
+from .methods.houlsby import Houlsby
+from .methods.pfeiffer import Pfeiffer
+from .methods.parallel_adapter import ParallelAdapter
+from .methods.compacter import Compacter
+from .methods.compacter_pp import CompacterPP
+from .methods.ia3 import IA3
+from .methods.ssf import SSF
+from .methods.bitfit import BitFit
+from .methods.ln_tuning import LNTuning
+from .methods.prompt import PromptTuning
+from .methods.prefix import PrefixTuning
+from .methods.p_tuning_v2 import PTuningV2
+from .methods.mam import MAM
+from .methods.intrinsic import Intrinsic
+from . import analysis  # looking inside weight changes: peftlab.analysis.intruder_dimensions, ...
+from .methods.delta import Delta
+from .model_level import ModelAdapter
 
 # Importing the method files binds the subpackage `peftlab.methods` to the name `methods`;
 # the public function of that name (every registered method name) must win.
 from .registry import methods  # noqa: E402,F811
+# Likewise the loss functions win over the subpackage `peftlab.losses`.
+from .losses import loss, losses  # noqa: E402,F811
+from .optim import optimizer, optimizers  # noqa: E402  (optimizers by name: the train config's `optimizer:`)
+# Combining attached adapters (task arithmetic, TIES, DARE, ...): the function wins over its module.
+from .combine import combine  # noqa: E402
 
 __all__ = [
     # attaching and detaching
@@ -51,9 +78,23 @@ __all__ = [
     # methods by name, and writing a new one
     "methods", "config", "method_class", "from_json", "register", "MethodConfig", "Adapter", "PeftLoRA",
     "PeftlabError",
+    # losses by name (the train config's `loss:` section)
+    "loss", "losses",
+    # optimizers by name (the train config's `optimizer:` section)
+    "optimizer", "optimizers",
+    # one adapter from several attached ones
+    "combine",
     # method configs
     "AdaLoRA", "ALLoRA", "CorDA", "DoRA", "DSEE", "EVA", "FLoRA", "IncreLoRA", "LaMDA", "LoLDU", "LoRA",
     "LoRAGA", "LoRASB", "NOLA", "RandLoRA", "SoRA", "SVFit", "VeRA",
+    "HFT", "LISA", "LoRAMoE", "S2FT", "SpIEL",
+    "Houlsby", "Pfeiffer", "ParallelAdapter", "Compacter", "CompacterPP",
+    "IA3", "SSF", "BitFit", "LNTuning", "ModelAdapter",
+    "PromptTuning", "PrefixTuning", "PTuningV2", "MAM",
+    "Intrinsic",
+    # diagnostics of weight changes (a submodule): intruder dimensions, spectra, subspace similarity
+    "analysis",
+    "Delta",
 ]
 __version__ = "0.1.0"
 

@@ -1,10 +1,15 @@
-"""The command line: `peftlab train | eval | merge | export | methods | bench`.
+"""The command line: `peftlab train | eval | merge | export | combine | analyze | methods | optimizers |
+losses | bench`.
 
     peftlab train [CONFIG.yaml] [--set key=value ...] [--output DIR] [--resume [RUN_DIR]] [--overwrite]
     peftlab eval RUN_DIR [--data TASK_OR_FILE] [--split test|validation|train]
     peftlab merge RUN_DIR --out DIR
     peftlab export RUN_DIR --format peft --out DIR
+    peftlab combine RUN_A RUN_B ... --method M --weights 0.6,0.4 [--density D] [--rank R] --out DIR
     peftlab methods
+    peftlab optimizers
+    peftlab losses
+    peftlab analyze RUN_DIR [--against RUN_DIR] | analyze capacity ... | analyze intrinsic-dim ...
     peftlab bench SUITE ... | bench report SUITE [--embed PAGE]     (see peftlab.bench)
 
 Every failure ends with one line, `error: <what is wrong, where, and how to fix it>`, never a
@@ -69,7 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the directory to write")
     export.set_defaults(out_option="--out")
 
+    _combine_arguments(add_command("combine", help=COMBINE_HELP))
+
     add_command("methods", help="list the registered methods and their trainable parameters")
+    add_command("optimizers", help="list the registered optimizers (the train config's optimizer.name)")
+    add_command("losses", help="list the registered losses (the train config's loss.name) and their fields")
+
+    from .bench.analyze import add_arguments as analyze_arguments
+
+    analyze = add_command("analyze", help="look inside a run's weight changes (intruder dimensions, spectra, "
+                          "subspace similarity), or search capacity / intrinsic-dim")
+    analyze_arguments(analyze)
 
     # `peftlab bench`: the method comparison lives in peftlab.bench; this only wires it in.
     from .bench import add_arguments as bench_arguments
@@ -77,6 +92,22 @@ def _parser() -> argparse.ArgumentParser:
     bench_arguments(add_command("bench", help="compare methods: run a suite (bench/suites/*.yaml), "
                                         "or `bench report SUITE`"))
     return parser
+
+
+COMBINE_HELP = "combine the adapters of several runs into one (task arithmetic, TIES, DARE, cat, svd, ...)"
+
+
+def _combine_arguments(combine: argparse.ArgumentParser) -> None:
+    combine.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of one base model")
+    combine.add_argument("--method", required=True, help="task_arithmetic, ties, dare_linear, dare_ties, "
+                         "magnitude_prune, cat, svd, linear, or a *_svd variant (see peftlab.combine)")
+    combine.add_argument("--weights", required=True, help="one weight per run, comma-separated, e.g. 0.6,0.4")
+    combine.add_argument("--density", type=float, help="share of each change kept (ties, dare_*, magnitude_prune)")
+    combine.add_argument("--rank", type=int, help="rank of an svd result (default: the largest input rank)")
+    combine.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+    combine.add_argument("--format", default="peftlab", choices=("peftlab", "peft"))
+    combine.add_argument("--out", required=True, help="the adapter directory to write")
+    combine.set_defaults(out_option="--out")
 
 
 def _quiet_libraries() -> None:
@@ -131,6 +162,33 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimizers(args: argparse.Namespace) -> int:
+    from .optim import optimizers
+
+    listed = optimizers()
+    width = max(len(name) for name in listed)
+    print(f"{'optimizer'.ljust(width)}  what it is")
+    for name, about in listed.items():
+        print(f"{name.ljust(width)}  {about}")
+    return 0
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .losses import loss_class, losses
+
+    width = max(len(name) for name in losses())
+    print(f"{'loss'.ljust(width)}  what it is  [formula]  (fields at their defaults)")
+    for name in losses():
+        cls = loss_class(name)
+        about = sys.modules[cls.__module__].__doc__.strip().split(" (")[0]  # the name, before the paper
+        fields = ", ".join(f"{f.name}={f.default:g}" if isinstance(f.default, float) else f"{f.name}={f.default}"
+                           for f in dataclasses.fields(cls)) or "no fields"
+        print(f"{name.ljust(width)}  {about}  [{cls.formula}]  ({fields})")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     args.where = lambda: args.run
     _quiet_libraries()
@@ -158,6 +216,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    args.where = lambda: args.out
+    _quiet_libraries()
+    from .recipe import runs
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise PeftlabError(f"--weights {args.weights!r} must be numbers separated by commas, e.g. 0.6,0.4") from None
+    runs.combine_runs(args.runs, args.out, args.method, weights, density=args.density, rank=args.rank,
+                      seed=args.seed, format=args.format)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    args.where = lambda: args.output or args.target
+    _quiet_libraries()
+    from .bench.analyze import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from .bench import run_from_args
@@ -165,7 +245,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "methods": cmd_methods}
+COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "methods": cmd_methods,
+            "optimizers": cmd_optimizers, "losses": cmd_losses, "combine": cmd_combine,
+            "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from fault_helpers import ENV, assert_clean_failure, run_cli, snapshot, train_ar
 from run_helpers import tiny_checkpoint
 
 INTERRUPTED = 130  # the shell's status for Ctrl-C, which the CLI returns too
-MODEL_FAILS = 1  # a damaged weights file: errors.failure reports the library's error as unexpected (a fault)
+MODEL_FAILS = 2  # a damaged weights file: named in one line as the user's to restore (recipe.models)
 LONG = {"train.steps": 2000}  # far longer than any test waits: Ctrl-C always lands mid-run
 
 

@@ -19,6 +19,7 @@ This module imports transformers' Trainer (seconds): trainer.py imports it only 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -335,6 +336,23 @@ def _tensorboard_callback(folder: pathlib.Path):
         return None
     callback.logging_dir = str(folder)  # also after training ends, when evaluation logs reopen a writer
     return callback
+
+
+@contextlib.contextmanager
+def writers_closed_on_failure(trainer: Trainer):
+    """Close the TensorBoard writer when training fails (Ctrl-C included), before the run folder is
+    cleaned or an earlier run is put back: its background thread otherwise flushes later and
+    re-creates an events file in whatever folder now holds that path."""
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        yield
+    except BaseException:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                callback.tb_writer.close()
+                callback.tb_writer = None
+        raise
 
 
 def _callbacks(adapted: Adaptation, run_dir: pathlib.Path, main_process: bool) -> list[TrainerCallback]:

@@ -99,7 +99,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
         if claim is not None:  # the first checkpoint ends the window in which a failure undoes the start
             trainer.add_callback(loop.AfterSave(claim.keep))
         training_started, training_cpu_started = time.time(), time.process_time()
-        output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+        with loop.writers_closed_on_failure(trainer):
+            output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
         timing = {"train_time_s": time.time() - training_started,
                   # all threads: steadier than wall time when the machine is busy
                   "train_cpu_time_s": time.process_time() - training_cpu_started}

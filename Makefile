@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test setup bench clean
+.PHONY: run test setup bench clean browser
 
 $(STAMP): pyproject.toml requirements/offline-resources.txt requirements/test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,12 +24,18 @@ $(STAMP): pyproject.toml requirements/offline-resources.txt requirements/test.tx
 	$(BIN)/python -m pip install -q --no-deps -r requirements/offline-resources.txt
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Headless Chromium (Debian's `chromium`) for the results page's browser test
+# (tests/test_report_html.py): installed as root (or through sudo), skipped when already there.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 run: $(STAMP)
 	$(BIN)/peftlab train
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(STAMP)

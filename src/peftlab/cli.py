@@ -10,7 +10,7 @@ losses | bench`.
     peftlab optimizers
     peftlab losses
     peftlab analyze RUN_DIR [--against RUN_DIR] | analyze capacity ... | analyze intrinsic-dim ...
-    peftlab bench SUITE ... | bench report SUITE [--embed PAGE]     (see peftlab.bench)
+    peftlab bench SUITE ... | bench report SUITE [--embed PAGE] [--html]  (see peftlab.bench)
 
 Every failure ends with one line, `error: <what is wrong, where, and how to fix it>`, never a
 traceback: exit status 2 for the user's errors (bad input, a missing path, a folder that cannot

@@ -2,28 +2,30 @@
 
     peftlab bench SUITE [--methods a,b] [--tasks t] [--seeds 0,1] [--only TEXT] [--no-peers]
                         [--workers N] [--dry-run]
-    peftlab bench report SUITE [--embed PAGE]
+    peftlab bench report SUITE [--embed PAGE] [--html]
     python -m peftlab.bench ...            (the same, without the peftlab command)
 
 SUITE is a name in bench/suites/ (quick, standard, lm) or the path of a suite .yaml file.
 Results go to bench/results/<suite>/<run>.json, run directories to runs/bench/<suite>/<run>/,
-and the report to bench/results/<suite>/report.md with its plots.
+and the report to bench/results/<suite>/report.md with its plots (with --html, also report.html).
 
 The pieces: suite.py (the YAML schema and the plan of jobs), runner.py (the resumable loop,
 records, learning-rate selection, progress line), execute.py (one real run in a child
-process), report.py (the Markdown table and plots), and ../recipe/peer.py (the `peft` runs).
+process), report.py (the Markdown table and plots), html.py (the same as one HTML page with tabs
+and switchable Pareto plots), and ../recipe/peer.py (the `peft` runs).
 """
 from __future__ import annotations
 
 import argparse
 import pathlib
 
+from .html import write_html
 from .report import embed, write_report
 from .runner import run_suite
 from .suite import Job, Suite, load, plan
 
 __all__ = ["Job", "Suite", "add_arguments", "embed", "load", "main", "plan", "results_dir_of", "run_from_args", "run_suite",
-           "write_report"]
+           "write_html", "write_report"]
 
 
 def results_dir_of(suite: Suite) -> pathlib.Path:
@@ -64,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed", metavar="PAGE",
                         help="also copy the report's tables into PAGE (e.g. docs/findings.md) between the lines "
                              "<!-- bench:SUITE --> and <!-- /bench:SUITE -->")
+    parser.add_argument("--html", action="store_true",
+                        help="also write bench/results/<suite>/report.html: one self-contained page with the "
+                             "tables, a tab per task and Pareto plots against parameters, memory and time")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -86,6 +91,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             return 0
     path = write_report(suite, results)
     print(f"report written to {path}")
+    if args.html:
+        print(f"results page written to {write_html(suite, results)}")
     if args.embed:
         embed(pathlib.Path(args.embed), suite, path)
         print(f"its tables copied into {args.embed}")

@@ -350,28 +350,37 @@ def spread_labels(positions: list[float], gap: float, low: float = 0.02, high: f
     return placed
 
 
+def label_heights(fractions: list[tuple[float, float]], gap: float, width: float = 0.12) -> list[float]:
+    """The height (axes fraction) of each point's label, for points at (x, y) axes fractions: labels
+    are `width` of the axes wide, so points nearer than that on x compete for the same rows and
+    their labels are spread apart vertically (spread_labels)."""
+    order = sorted(range(len(fractions)), key=lambda i: fractions[i][0])
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and fractions[i][0] - fractions[clusters[-1][-1]][0] < width:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    heights = [0.0] * len(fractions)
+    for cluster in clusters:
+        for i, height in zip(cluster, spread_labels([fractions[i][1] for i in cluster], gap=gap)):
+            heights[i] = height
+    return heights
+
+
 def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
     """Names each point; labels whose points sit close together on x are spread out vertically
     and joined to their points by a thin line."""
     ax.autoscale_view()
     to_axes = ax.transData + ax.transAxes.inverted()
     fractions = [tuple(to_axes.transform((x, y))) for x, y, _ in points]
-    order = sorted(range(len(points)), key=lambda i: fractions[i][0])
-    clusters: list[list[int]] = []
-    for i in order:  # labels are ~0.12 of the axes wide: nearer points compete for the same rows
-        if clusters and fractions[i][0] - fractions[clusters[-1][-1]][0] < 0.12:
-            clusters[-1].append(i)
-        else:
-            clusters.append([i])
-    for cluster in clusters:
-        heights = spread_labels([fractions[i][1] for i in cluster], gap=0.032)
-        for i, height in zip(cluster, heights):
-            x, y, label = points[i]
-            fx, fy = fractions[i]
-            moved = abs(height - fy) > 0.01
-            ax.annotate(label, (x, y), xytext=(fx + 0.015, height), textcoords="axes fraction",
-                        fontsize=7, va="center",
-                        arrowprops=dict(arrowstyle="-", lw=0.5, color="0.55") if moved else None)
+    heights = label_heights(fractions, gap=0.032)
+    for i in sorted(range(len(points)), key=lambda i: fractions[i][0]):  # left to right, as drawn before
+        (x, y, label), (fx, fy), height = points[i], fractions[i], heights[i]
+        moved = abs(height - fy) > 0.01
+        ax.annotate(label, (x, y), xytext=(fx + 0.015, height), textcoords="axes fraction",
+                    fontsize=7, va="center",
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.55") if moved else None)
 
 
 def plot(suite: Suite, records: list[dict[str, Any]], out_dir: pathlib.Path) -> list[str]:

@@ -23,12 +23,29 @@ hyperparameters. What each mapping needs to say:
     VeRA/RandLoRA  `peft` draws one pair of shared bases at the largest layer shape and slices
                    it; peftlab with `basis_shape: null` draws per shape. Same distribution, other
                    draws: the peer column compares the methods, not the random numbers
+    IA3            the same sites, and peftlab's `feedforward` patterns resolved on them as
+                   `feedforward_modules`; both start at l = 1
+    LN tuning      the norm layers peftlab would train; `peft` trains a copy of each
+                   (ln_tuning_layers) where peftlab trains the layer in place: the same values
+    prompts and    the same P, encoder width m (given explicitly: peftlab's defaults, the hidden
+    prefixes       size and kv_dim, are not `peft`'s) and init (`vocab` is SAMPLE_VOCAB); the
+                   task type picks `peft`'s forward (SEQ_CLS for a classifier, CAUSAL_LM).
+                   Both build the same modules in the same order, so under the run's seed they
+                   draw the same starting values: the runs match step for step. Differences:
+                   `peft`'s P-tuning encoder has no vocabulary init (peftlab's default for
+                   `prompt`, encoder: mlp, is init: vocab; init: random is the same start);
+                   `peft`'s classifier prefix forward names the cache `past_key_values`, which
+                   transformers 5's backbones call `cache`, so the peer gives the backbone that
+                   alias (`peft`'s own prefix, mask, pooling and head run unchanged); `peft`'s
+                   causal-LM prompt forward returns logits for the prompt's positions too, which
+                   the peer cuts, as peftlab does, for the recipe's (batch, tokens) labels
 
 Per-pattern overrides (a rank per site) are not mapped: such a config has no peer.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import pathlib
 from typing import Any, Callable
 
@@ -55,10 +72,10 @@ class PeerPlan:
 # ---- one mapping per method ------------------------------------------------------------------
 
 
-def _lora_family(cfg, sites: list[str], head: list[str], **extra: Any) -> Any:
+def _lora_family(cfg, model: nn.Module, head: list[str], **extra: Any) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=sites,
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=sites_of(model, cfg),
                       modules_to_save=head or None, **extra)
 
 
@@ -71,22 +88,22 @@ def _lora_init(cfg) -> Any:
     return cfg.init  # gaussian, pissa, olora: the same names in peft
 
 
-def lora(cfg, sites, head) -> PeerPlan:
-    return PeerPlan(_lora_family(cfg, sites, head, use_rslora=cfg.rslora, init_lora_weights=_lora_init(cfg)))
+def lora(cfg, model, head) -> PeerPlan:
+    return PeerPlan(_lora_family(cfg, model, head, use_rslora=cfg.rslora, init_lora_weights=_lora_init(cfg)))
 
 
-def dora(cfg, sites, head) -> PeerPlan:
-    return PeerPlan(_lora_family(cfg, sites, head, use_rslora=cfg.rslora, init_lora_weights=_lora_init(cfg),
+def dora(cfg, model, head) -> PeerPlan:
+    return PeerPlan(_lora_family(cfg, model, head, use_rslora=cfg.rslora, init_lora_weights=_lora_init(cfg),
                                  use_dora=True))
 
 
-def eva(cfg, sites, head) -> PeerPlan:
+def eva(cfg, model, head) -> PeerPlan:
     from peft import EvaConfig, initialize_lora_eva_weights
 
     options = EvaConfig(rho=cfg.rho, tau=cfg.tau, use_label_mask=cfg.use_label_mask,
                         label_mask_value=cfg.label_mask_value, whiten=cfg.whiten,
                         adjust_scaling_factors=cfg.adjust_scaling_factors)
-    config = _lora_family(cfg, sites, head, init_lora_weights="eva", eva_config=options)
+    config = _lora_family(cfg, model, head, init_lora_weights="eva", eva_config=options)
 
     def token_mask(inputs: dict, peft_config) -> torch.Tensor:
         # As peftlab's EVA: padding is left out; labels mask tokens only when they are per token
@@ -104,11 +121,11 @@ def eva(cfg, sites, head) -> PeerPlan:
     return PeerPlan(config, after=initialise, low_cpu_mem_usage=True)
 
 
-def corda(cfg, sites, head) -> PeerPlan:
+def corda(cfg, model, head) -> PeerPlan:
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    config = _lora_family(cfg, sites, head, init_lora_weights="corda", corda_config=CordaConfig(corda_method=cfg.mode))
+    config = _lora_family(cfg, model, head, init_lora_weights="corda", corda_config=CordaConfig(corda_method=cfg.mode))
 
     def collect(model: nn.Module, batches: list[dict]) -> None:
         # peft's CorDA takes the covariance of each forward's (tokens, features) input, so it is fed
@@ -130,11 +147,11 @@ def single_sequences(batches: list[dict]) -> list[dict]:
     return rows
 
 
-def lora_ga(cfg, sites, head) -> PeerPlan:
+def lora_ga(cfg, model, head) -> PeerPlan:
     from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 
     options = LoraGAConfig(direction=cfg.direction, scale=cfg.scale_mode, stable_gamma=cfg.stable_gamma)
-    config = _lora_family(cfg, sites, head, init_lora_weights="lora_ga", lora_ga_config=options)
+    config = _lora_family(cfg, model, head, init_lora_weights="lora_ga", lora_ga_config=options)
 
     def estimate(model: nn.Module, batches: list[dict]) -> None:
         def train_step() -> None:  # the gradient of the task loss, accumulated over the batches
@@ -147,13 +164,13 @@ def lora_ga(cfg, sites, head) -> PeerPlan:
     return PeerPlan(config, before=estimate)
 
 
-def adalora(cfg, sites, head) -> PeerPlan:
+def adalora(cfg, model, head) -> PeerPlan:
     from peft import AdaLoraConfig
 
     config = AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                            tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
-                           orth_reg_weight=cfg.orth_reg_weight, total_step=cfg.total_steps, target_modules=sites,
-                           modules_to_save=head or None)
+                           orth_reg_weight=cfg.orth_reg_weight, total_step=cfg.total_steps,
+                           target_modules=sites_of(model, cfg), modules_to_save=head or None)
 
     def orthogonality(peft_model: nn.Module) -> torch.Tensor | None:
         # ||P^T P - I||_F + ||Q Q^T - I||_F averaged over the factor matrices, times orth_reg_weight
@@ -168,26 +185,131 @@ def adalora(cfg, sites, head) -> PeerPlan:
                     regularization=orthogonality)
 
 
-def vera(cfg, sites, head) -> PeerPlan:
+def vera(cfg, model, head) -> PeerPlan:
     from peft import VeraConfig
 
-    return PeerPlan(VeraConfig(r=cfg.r, target_modules=sites, projection_prng_key=cfg.seed, vera_dropout=cfg.dropout,
-                               d_initial=cfg.d_initial, modules_to_save=head or None))
+    return PeerPlan(VeraConfig(r=cfg.r, target_modules=sites_of(model, cfg), projection_prng_key=cfg.seed,
+                               vera_dropout=cfg.dropout, d_initial=cfg.d_initial, modules_to_save=head or None))
 
 
-def randlora(cfg, sites, head) -> PeerPlan:
+def randlora(cfg, model, head) -> PeerPlan:
     from peft import RandLoraConfig
 
-    return PeerPlan(RandLoraConfig(r=cfg.r, target_modules=sites, projection_prng_key=cfg.seed,
+    return PeerPlan(RandLoraConfig(r=cfg.r, target_modules=sites_of(model, cfg), projection_prng_key=cfg.seed,
                                    randlora_alpha=cfg.alpha, randlora_dropout=cfg.dropout,
                                    sparse=cfg.bases == "sparse", very_sparse=cfg.bases == "very_sparse",
                                    modules_to_save=head or None))
 
 
-# Registry name -> mapping. Aliases of LoRA (rslora, pissa, olora) build LoRA configs.
+def ia3(cfg, model, head) -> PeerPlan:
+    from peft import IA3Config
+
+    from ..hosts import host_kind
+    from ..registry import Site
+
+    sites = sites_of(model, cfg)
+    modules = dict(model.named_modules())
+    kinds = {name: host_kind(modules[name]) for name in sites}
+    # peftlab's `feedforward` patterns, resolved against the same sites: the layers whose input is scaled
+    feedforward = [name for name in sites if cfg.is_feedforward(Site(name, modules[name], kinds[name]))]
+    return PeerPlan(IA3Config(target_modules=sites, feedforward_modules=feedforward, init_ia3_weights=True,
+                              fan_in_fan_out=any(kind.name == "conv1d" for kind in kinds.values()),
+                              modules_to_save=head or None))
+
+
+def ln_tuning(cfg, model, head) -> PeerPlan:
+    from peft import LNTuningConfig
+
+    from ..methods.ln_tuning import norm_modules
+
+    return PeerPlan(LNTuningConfig(target_modules=norm_modules(model, cfg), modules_to_save=head or None))
+
+
+def prompt(cfg, model, head) -> PeerPlan:
+    from peft import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
+
+    from ..methods.prefixes import find_layout, peft_task_type
+
+    task_type = peft_task_type(model, bool(head))
+    if cfg.encoder == "mlp":  # P-tuning: peft's PromptEncoder, the same MLP (hidden -> m -> m -> hidden, ReLU)
+        width = cfg.encoder_hidden_size or find_layout(model, cfg.method, needs_cache=False).hidden
+        config = PromptEncoderConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+                                     encoder_reparameterization_type="MLP", encoder_hidden_size=width,
+                                     modules_to_save=head or None)
+    else:
+        init = PromptTuningInit.SAMPLE_VOCAB if cfg.init == "vocab" else PromptTuningInit.RANDOM
+        config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+                                    prompt_tuning_init=init, modules_to_save=head or None)
+    return PeerPlan(config, after=_logits_without_prompt)
+
+
+def _logits_without_prompt(peft_model: nn.Module, batches: list[dict]) -> None:
+    """A causal LM's logits cut to the caller's tokens, as peftlab's prompt gives them.
+
+    `peft`'s causal-LM prompt forward returns logits for the P prompt positions too,
+    (batch, P + tokens, vocabulary), and shifts the labels only when it computes the loss itself;
+    the recipe computes the loss from the logits and its own (batch, tokens) labels.
+    """
+    config = peft_model.peft_config[ADAPTER_NAME]
+    if config.task_type != "CAUSAL_LM":
+        return  # a classifier's logits are one row per example
+
+    def cut(module: nn.Module, args: tuple, output: Any) -> Any:
+        output["logits"] = output["logits"][:, config.num_virtual_tokens:]
+        return output
+
+    peft_model.register_forward_hook(cut)
+
+
+def _prefix_config(cfg, model, head, projection: bool, width: int | None) -> PeerPlan:
+    from peft import PrefixTuningConfig
+
+    from ..methods.prefixes import find_layout, peft_task_type
+
+    kv_dim = find_layout(model, cfg.method, needs_cache=True).kv_dim
+    config = PrefixTuningConfig(task_type=peft_task_type(model, bool(head)), num_virtual_tokens=cfg.num_virtual_tokens,
+                                prefix_projection=projection, encoder_hidden_size=width or kv_dim,
+                                modules_to_save=head or None)
+    return PeerPlan(config, after=_backbone_takes_past_key_values)
+
+
+def prefix(cfg, model, head) -> PeerPlan:
+    return _prefix_config(cfg, model, head, projection=cfg.projection, width=cfg.encoder_hidden_size)
+
+
+def p_tuning_v2(cfg, model, head) -> PeerPlan:
+    return _prefix_config(cfg, model, head, projection=False, width=None)
+
+
+def _backbone_takes_past_key_values(peft_model: nn.Module, batches: list[dict]) -> None:
+    """Let `peft`'s classifier prefix forward reach a backbone whose cache argument is named `cache`.
+
+    PeftModelForSequenceClassification hands the prefix to the backbone (BertModel, LlamaModel)
+    as `past_key_values` and refuses a backbone whose forward does not name that argument;
+    transformers 5 names it `cache`. The backbone's forward gets the old name as an alias, so
+    `peft`'s own prefix cache, attention mask, pooling and classifier run unchanged.
+    """
+    from peft import PeftModelForSequenceClassification
+
+    if not isinstance(peft_model, PeftModelForSequenceClassification):
+        return  # peft's other prefix forwards pass the cache on through the model's own keyword arguments
+    backbone = peft_model.base_model.get_submodule(peft_model.transformer_backbone_name)
+    parameters = inspect.signature(backbone.forward).parameters
+    if "past_key_values" in parameters or "cache" not in parameters:
+        return
+    forward = backbone.forward
+
+    def forward_with_past_key_values(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        return forward(*args, cache=past_key_values, **kwargs)
+
+    backbone.forward = forward_with_past_key_values
+
+
+# Registry name -> mapping (cfg, model, head) -> PeerPlan. Aliases of LoRA (rslora, pissa, olora) build LoRA configs.
 METHODS: dict[str, Callable[..., PeerPlan]] = {
     "lora": lora, "rslora": lora, "pissa": lora, "olora": lora, "dora": dora, "eva": eva, "corda": corda,
-    "lora_ga": lora_ga, "adalora": adalora, "vera": vera, "randlora": randlora,
+    "lora_ga": lora_ga, "adalora": adalora, "vera": vera, "randlora": randlora, "ia3": ia3, "ln_tuning": ln_tuning,
+    "prompt": prompt, "prefix": prefix, "p_tuning_v2": p_tuning_v2,
 }
 
 
@@ -217,7 +339,7 @@ def plan_for(run, model: nn.Module, head: str | None) -> PeerPlan:
     if cfg.overrides:
         raise PeftlabError(f"method {name} has per-site overrides, which the peer mapping does not translate: "
                            "run the peer without overrides, or leave this method out of `peer`")
-    return METHODS[name](cfg, sites_of(model, cfg), [head] if head else [])
+    return METHODS[name](cfg, model, [head] if head else [])
 
 
 def adapt(model: nn.Module, run, calibration: Callable[[], list[dict]]) -> Adaptation:

@@ -72,8 +72,8 @@ class LossConfig:
             raise PeftlabError(f"loss {self.name} {field} = {value!r} must be in {interval}")
 
     def per_example(self, logits: Tensor, labels: Tensor, **batch: Any) -> Tensor:
-        """(n,) losses of n labelled rows: logits (n, K), labels (n,) in [0, K)."""
-        raise NotImplementedError
+        """(n,) losses of n labelled rows: logits (n, K), labels (n,) in [0, K); every registered loss defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define per_example(logits, labels)")
 
     def __call__(self, logits: Tensor, labels: Tensor, *, reduction: str = "mean",
                  ignore_index: int = IGNORE_INDEX, **batch: Any) -> Tensor:

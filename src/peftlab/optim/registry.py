@@ -49,7 +49,8 @@ class OptimizerConfig:
         """Field ranges; raise PeftlabError naming the field, the value and what is allowed."""
 
     def build(self, params: Iterable) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The torch optimizer over `params`; every registered optimizer defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define build(params)")
 
     def kwargs(self) -> dict[str, Any]:
         """The fields as keyword arguments (lists made tuples, as torch's betas are)."""

@@ -26,9 +26,9 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .galore import (PROJ_TYPES, adam_direction, decay, project, project_back, refresh_projector,
+from .galore import (GaLoreConfig, adam_direction, decay, project, project_back, refresh_projector,
                      run_closure)
-from .registry import OptimizerConfig, check_ranks, is_projected, register_optimizer
+from .registry import check_ranks, is_projected, register_optimizer
 
 
 def scaled_residual(grad: Tensor, low: Tensor, direction: Tensor, basis: Tensor, left: bool) -> Tensor:
@@ -84,27 +84,17 @@ class Fira(torch.optim.Optimizer):
 
 @register_optimizer("fira")
 @dataclass
-class FiraConfig(OptimizerConfig):
-    """Fira's fields (module docstring)."""
+class FiraConfig(GaLoreConfig):
+    """Fira's fields: GaLore's, and the limiter's gamma (module docstring)."""
 
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
     gamma: float = 1.01
-    proj_type: str = "std"
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.0
 
     description = "GaLore plus the rest of the gradient, scaled column-wise as Adam would, with a norm-growth limiter"
 
     def validate(self) -> None:
-        self.check_positive("rank", "update_proj_gap", "scale")
-        self.check_positive("eps", "weight_decay", allow_zero=True)
+        super().validate()
         if self.gamma < 1:
             self._fail("gamma", ">= 1 (the largest growth of the residual's norm per step, e.g. 1.01)")
-        self.check_betas()
-        self.check_choice("proj_type", PROJ_TYPES)
 
     def build(self, params: Iterable) -> Fira:
         return Fira(params, **self.kwargs())

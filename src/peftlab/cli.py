@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     add_command("optimizers", help="list the registered optimizers (the train config's optimizer.name)")
     add_command("losses", help="list the registered losses (the train config's loss.name) and their fields")
 
+    _bench_commands(add_command)
+    return parser
+
+
+def _bench_commands(add_command) -> None:
+    """The commands that live in peftlab.bench (analyze, bench, tune): only wired in here."""
     from .bench.analyze import add_arguments as analyze_arguments
 
     analyze = add_command("analyze", help="look inside a run's weight changes (intruder dimensions, spectra, "
@@ -91,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
 
     bench_arguments(add_command("bench", help="compare methods: run a suite (bench/suites/*.yaml), "
                                         "or `bench report SUITE`"))
-    return parser
+
+    from .bench.tune import add_arguments as tune_arguments
+
+    tune_arguments(add_command("tune", help="search hyperparameters of a run config (Optuna's TPE, ASHA early "
+                                       "stopping, trials on Ray)"))
 
 
 COMBINE_HELP = "combine the adapters of several runs into one (task arithmetic, TIES, DARE, cat, svd, ...)"
@@ -245,7 +255,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
-COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "methods": cmd_methods,
+def cmd_tune(args: argparse.Namespace) -> int:
+    args.where = lambda: args.out
+    _quiet_libraries()
+    from .bench.tune import run_from_args
+
+    return run_from_args(args)
+
+
+COMMANDS = {"bench": cmd_bench, "tune": cmd_tune, "train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "methods": cmd_methods,
             "optimizers": cmd_optimizers, "losses": cmd_losses, "combine": cmd_combine,
             "analyze": cmd_analyze}
 

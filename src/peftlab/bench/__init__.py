@@ -1,7 +1,7 @@
 """`peftlab bench`: methods x tasks x seeds, each an ordinary training run, and one report.
 
     peftlab bench SUITE [--methods a,b] [--tasks t] [--seeds 0,1] [--only TEXT] [--no-peers]
-                        [--workers N] [--dry-run]
+                        [--workers N] [--dry-run] [--executor ray|fork] [--address ray://HOST:PORT|auto]
     peftlab bench report SUITE [--embed PAGE] [--html]
     python -m peftlab.bench ...            (the same, without the peftlab command)
 
@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peers", action="store_true", help="leave out the `peft` peer runs")
     parser.add_argument("--workers", type=int, help="runs at once, each in its own process (default: the suite's)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: the suite's)")
+    parser.add_argument("--executor", choices=("ray", "fork"),
+                        help="each run a Ray task (the default when ray is installed) or a forked child process")
+    parser.add_argument("--address", metavar="ray://HOST:PORT|HOST:PORT|auto",
+                        help="run on an existing Ray cluster (default: a local Ray instance started for the bench)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs that would run, run none")
     parser.add_argument("--results", help="the results directory (default: bench/results/<suite>)")
     parser.add_argument("--runs", help="where run directories go (default: runs/bench/<suite>)")
@@ -86,7 +90,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         runs = pathlib.Path(args.runs) if args.runs else pathlib.Path("runs") / "bench" / suite.name
         run_suite(suite, results, runs, methods=_names(args.methods), tasks=_names(args.tasks), only=args.only,
                   seeds=_seeds(args.seeds), peers=not args.no_peers, dry_run=args.dry_run, workers=args.workers,
-                  threads=args.threads)
+                  threads=args.threads, executor=args.executor or "auto", address=args.address)
         if args.dry_run or args.no_report:
             return 0
     path = write_report(suite, results)

@@ -46,7 +46,7 @@ class Forked:
         self.run_one, self.workers, self.threads = run_one, workers, threads
         self.running: dict[Any, tuple[Any, Any]] = {}  # key -> (process, receiving end)
         self.context = _context()
-        _warm_imports()
+        warm_imports()
 
     def start(self, key: Any, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, run_one=None) -> None:
         """`run_one` replaces the executor's own for this job (a final run that only evaluates)."""
@@ -56,6 +56,9 @@ class Forked:
         child.start()
         send.close()
         self.running[key] = (child, receive)
+
+    def close(self) -> None:
+        """Nothing to release: each child ends with its run."""
 
     def wait(self) -> tuple[Any, tuple[str, Any]]:
         """The next job to finish: (key, ("ok", result) or ("error", text))."""
@@ -75,8 +78,8 @@ class Forked:
         return key, outcome
 
 
-def _warm_imports() -> None:
-    """Import the heavy libraries once, in the parent, before the first fork."""
+def warm_imports() -> None:
+    """Import the heavy libraries once, in the parent before the first fork (or a Ray worker before its run)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,19 +106,37 @@ def _warm_imports() -> None:
 
 def _child(run_one, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, threads: int | None, send) -> None:
     try:
+        send.send(run_logged(run_one, job, config, run_dir, suite, threads))
+    except BaseException as err:  # noqa: BLE001 - e.g. a result that cannot be sent: the parent gets text
+        send.send(("error", describe(err)))
+    finally:
+        send.close()
+
+
+def run_logged(run_one, job: Job, config: dict, run_dir: pathlib.Path, suite: Suite,
+               threads: int | None) -> tuple[str, Any]:
+    """One job in this process, its output in <runs>/<job>.log: ("ok", result) or ("error", text).
+
+    The process is the run's own (a forked child, a Ray task's fresh worker): its output is
+    redirected for good.
+    """
+    try:
         _output_to(run_dir.parent / f"{job.name}.log")  # the Trainer's log lines: beside the run directory
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        send.send(("ok", run_one(job, config, run_dir, suite)))
+        return "ok", run_one(job, config, run_dir, suite)
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent as text
-        detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-        if not isinstance(err, PeftlabError):
-            detail += "\n" + "".join(traceback.format_tb(err.__traceback__)[-3:])
-        send.send(("error", detail))
-    finally:
-        send.close()
+        return "error", describe(err)
+
+
+def describe(err: BaseException) -> str:
+    """A failed run's error for its record: the message, and for an unexpected error where it came from."""
+    detail = "".join(traceback.format_exception_only(type(err), err)).strip()
+    if not isinstance(err, PeftlabError):
+        detail += "\n" + "".join(traceback.format_tb(err.__traceback__)[-3:])
+    return detail
 
 
 def _output_to(path: pathlib.Path) -> None:
@@ -138,6 +159,7 @@ def _output_to(path: pathlib.Path) -> None:
 
 def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict[str, Any]:
     """Train one job with the recipe; the measured fields of its record."""
+    warm_imports()  # nothing to do in a forked child (its parent did it); a Ray task's fresh worker needs it
     forgetting = suite.forgetting
     if job.phase == "reference":
         return _reference(config, forgetting)
@@ -200,6 +222,7 @@ def evaluate_selected(job: Job, config: dict, run_dir: pathlib.Path, suite: Suit
     """
     from ..recipe import runs
 
+    warm_imports()
     cpu_before = os.times()
     metrics = runs.evaluate(selected["run_dir"], split="test", echo=lambda *_: None)
     cpu_after = os.times()

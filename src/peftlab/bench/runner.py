@@ -12,12 +12,14 @@ same hash, so an interrupted bench continues where it stopped, and a job whose c
 `run_one(job, config, run_dir, suite) -> dict` does the work; its result is merged into the
 record. The default, `execute.run_job`, trains with the training recipe; the runner calls it
 in a forked child process per run (`execute.Forked`, several at once with the suite's
-`workers`), so peak RSS is each run's own and a crash fails one record, not the bench.
+`workers`) or as a Ray task per run (`ray_runs.RayRuns`, `executor="ray"`), so peak RSS is
+each run's own and a crash fails one record, not the bench.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -237,6 +239,37 @@ class InProcess:
     def wait(self) -> tuple[Any, tuple[str, Any]]:
         return self.finished.pop(0)
 
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+EXECUTORS = ("auto", "ray", "fork")
+
+
+def make_executor(run_one: RunOne, suite: Suite, workers: int, threads: int | None, executor: str = "fork",
+                  address: str | None = None, echo: Callable[[str], None] = print):
+    """Where isolated runs go: "fork" (a forked child each), "ray" (a Ray task each), "auto" (ray when installed).
+
+    address: a Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT"); None: a local Ray instance.
+    """
+    from . import execute
+
+    if executor not in EXECUTORS:
+        raise PeftlabError(f"executor {executor!r} is unknown: use one of {', '.join(EXECUTORS)}")
+    if address and executor == "fork":
+        raise PeftlabError(f"--address {address} runs on a Ray cluster: leave out --executor fork")
+    has_ray = importlib.util.find_spec("ray") is not None
+    if executor == "ray" or address or (executor == "auto" and has_ray):
+        if not has_ray:
+            raise PeftlabError("Ray runs (--executor ray, --address) need ray: `pip install 'peftlab[ray]'`, "
+                               "or use --executor fork")
+        from .ray_runs import RayRuns
+
+        return RayRuns(run_one, suite, workers, threads or suite.threads, address=address, echo=echo)
+    if executor == "auto":
+        echo("ray is not installed: runs in forked processes on this machine (`pip install 'peftlab[ray]'` for Ray)")
+    return execute.Forked(run_one, workers, threads or suite.threads)
+
 
 def dependencies(suite: Suite, job: Job, jobs: list[Job]) -> list[Job]:
     """Jobs that must finish first: a final run's selection runs, and the forgetting reference."""
@@ -253,11 +286,14 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
               seeds: list[int] | None = None, peers: bool = True,
               peer_methods: set[str] | None = None, echo: Callable[[str], None] = print, dry_run: bool = False,
               isolate: bool = True, workers: int | None = None, threads: int | None = None,
-              reuse_selection: bool = True) -> list[dict[str, Any]]:
+              reuse_selection: bool = True, executor: str = "fork",
+              address: str | None = None) -> list[dict[str, Any]]:
     """Run (or, with dry_run, list) every job of a suite not finished yet; returns the records.
 
-    isolate: each run in a forked child process (the default; `run_one` runs there), else in
-    this process one after another. workers: runs at once (default: the suite's `workers`);
+    isolate: each run in its own process (the default; `run_one` runs there), else in this
+    process one after another. executor, address: where isolated runs go (`make_executor`:
+    forked children, the default here; Ray tasks, `peftlab bench`'s default when ray is
+    installed). workers: runs at once (default: the suite's `workers`);
     threads: torch threads per run (default: the suite's `threads`). reuse_selection: the final
     run on the first seed evaluates the selection run at the chosen rate instead of retraining it.
     """
@@ -272,11 +308,21 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
                        seeds=seeds, peers=peers)
     workers = workers or suite.workers
     if isolate and not dry_run:
-        executor = execute.Forked(run_one, workers, threads or suite.threads)
+        runs = make_executor(run_one, suite, workers, threads, executor, address, echo)
     else:
-        executor, workers = InProcess(run_one), 1
-    loop = Loop(suite, jobs, results_dir, runs_dir, executor, workers, echo, dry_run,
+        runs, workers = InProcess(run_one), 1
+    loop = Loop(suite, jobs, results_dir, runs_dir, runs, workers, echo, dry_run,
                 reuse=execute.evaluate_selected if reuse_selection else None)
+    try:
+        _run_all(loop)
+    finally:
+        runs.close()
+    return [loop.records[j] for j in loop.jobs if j in loop.records]
+
+
+def _run_all(loop: Loop) -> None:
+    """Start every job as its dependencies finish, up to `workers` at once; log the invocation."""
+    jobs, results_dir, dry_run, workers = loop.jobs, loop.results_dir, loop.dry_run, loop.workers
     started, load = time.time(), os.getloadavg()[0]
     loop.pending = list(jobs)
     loop.recorded = {j for j in jobs if (read_record(record_path(results_dir, j)) or {}).get("status") == "ok"}
@@ -297,7 +343,6 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
                                      "wall_time_s": time.time() - started, "runs": len(loop.spent), "planned": len(jobs),
                                      "workers": workers, "load_average_start": round(load, 2),
                                      "load_average_end": round(os.getloadavg()[0], 2)})
-    return [loop.records[j] for j in jobs if j in loop.records]
 
 
 INVOCATIONS = "invocations.jsonl"
@@ -324,7 +369,7 @@ class Loop:
     jobs: list[Job]
     results_dir: pathlib.Path
     runs_dir: pathlib.Path
-    executor: Any  # InProcess or execute.Forked: start(key, job, config, run_dir, suite), wait()
+    executor: Any  # InProcess, execute.Forked or ray_runs.RayRuns: start(key, job, config, run_dir, suite), wait()
     workers: int
     echo: Callable[[str], None]
     dry_run: bool

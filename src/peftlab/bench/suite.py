@@ -26,6 +26,9 @@ A suite file (bench/suites/<name>.yaml) says what to compare and how:
                     text (causal-LM suites)
     workers:        runs at once, each in its own process (default 1)
     threads:        torch threads per run (default: torch's own choice, every core)
+    resources:      {cpus: 1, gpus: 0}: what one run reserves when runs are Ray tasks (`peftlab
+                    bench` with ray installed); cpus default to `threads` (else 1), gpus to 0;
+                    a run's torch threads default to its cpus there
 
 Strings "{steps}" and "{lr}" in method fields or overrides become the run's `train.steps`
 and learning rate (for methods with a schedule over the run, AdaLoRA, LaMDA, LoRA-SB, or
@@ -52,7 +55,7 @@ from ..errors import PeftlabError
 
 BASELINES = ("head-only", "full", "full-galore", "full-fira", "full-frugal")  # recipe/adaptation.py
 SUITE_KEYS = ("name", "description", "run", "tasks", "seeds", "methods", "baselines", "exclude", "method_fields",
-              "overrides", "lr", "lr_extend", "select", "peer", "forgetting", "workers", "threads")
+              "overrides", "lr", "lr_extend", "select", "peer", "forgetting", "workers", "threads", "resources")
 TEMPLATES = ("steps", "lr")  # "{steps}", "{lr}" in a suite: the run's train.steps and learning rate
 FORGETTING_DEFAULTS = {"examples": 256, "max_length": 64, "batch_size": 32, "seed": 0}
 
@@ -77,6 +80,7 @@ class Suite:
     workers: int = 1  # runs at once, each in its own process
     lr_extend: int = 0  # rates a grid may grow by past the end its best rate sits at
     threads: int | None = None  # torch threads per run (None: torch's default, all cores)
+    resources: dict[str, float] = dataclasses.field(default_factory=lambda: {"cpus": 1, "gpus": 0})  # per Ray task
 
     def grid(self, method: str) -> list[float]:
         return sorted(self.lr.get(method, self.lr["default"]))
@@ -225,11 +229,25 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
                  method_fields=_mapping(name, "method_fields", data.get("method_fields")),
                  overrides=_overrides(name, data.get("overrides"), tasks), lr=_lr_grids(name, data.get("lr")),
                  select=_select(name, data.get("select")), peer=peer, forgetting=forgetting, workers=workers,
-                 threads=threads, lr_extend=lr_extend)
+                 threads=threads, lr_extend=lr_extend, resources=_resources(name, data.get("resources"), threads))
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _resources(suite: str, value: Any, threads: int | None) -> dict[str, float]:
+    """`resources`: the CPUs and GPUs one run reserves as a Ray task (fractions allowed, as Ray allows)."""
+    resources = {"cpus": threads or 1, "gpus": 0, **_mapping(suite, "resources", value)}
+    extra = sorted(set(resources) - {"cpus", "gpus"})
+    if extra:
+        _fail(suite, f"resources allows cpus and gpus; unknown: {extra}")
+    for key, least in (("cpus", "> 0"), ("gpus", ">= 0")):
+        amount = resources[key]
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not (
+                amount > 0 if key == "cpus" else amount >= 0):
+            _fail(suite, f"resources.{key} must be a number {least} (what one run reserves), got {amount!r}")
+    return resources
 
 
 def _tasks(suite: str, tasks: Any) -> dict[str, dict]:

@@ -61,11 +61,14 @@ class Hooks:
     splits    the splits evaluated at the end (selection runs leave the test split alone)
     trained(model, tokenizer) -> dict
         extra metrics on the trained model, stored in the summary under "extra"
+    callbacks  transformers TrainerCallbacks added to the loop (`peftlab tune` reports each
+               validation to its scheduler through one)
     """
 
     adapt: Any = None
     splits: tuple[str, ...] = ("validation", "test")
     trained: Any = None
+    callbacks: tuple = ()
 
 
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
@@ -98,6 +101,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
                                     state.is_main_process)
         if claim is not None:  # the first checkpoint ends the window in which a failure undoes the start
             trainer.add_callback(loop.AfterSave(claim.keep))
+        for callback in hooks.callbacks:
+            trainer.add_callback(callback)
         training_started, training_cpu_started = time.time(), time.process_time()
         with loop.writers_closed_on_failure(trainer):
             output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)

@@ -9,7 +9,15 @@ that machine load drifts hit both sides alike:
   dora_step / lora_step         DoRA vs LoRA (and `peft`'s DoRA vs `peft`'s LoRA)
 
 A step is forward + loss + backward + AdamW step + zero_grad. Results: bench/results/overhead.json.
-Usage: python bench/overhead.py [--rounds 5] [--steps 3] [--threads 2]
+
+--compile adds every workload once more through torch.compile(model) (backend inductor unless
+--backend says otherwise), timed in the same rounds after its compile (the warm-up call), and
+records the same ratios between compiled workloads ("compiled_ratios") beside the eager ones,
+and each workload's compiled / eager time ("compiled_vs_eager").
+
+Usage: python bench/overhead.py [--rounds 5] [--steps 3] [--threads 2] [--compile [--backend inductor]]
+Smoke (seconds, proves the code path, not a measurement): --rounds 1 --steps 1 --batch 2 --seq 8
+--out /tmp/overhead-smoke.json
 """
 from __future__ import annotations
 
@@ -26,8 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import peftlab
+from peftlab.io import files
 
-BATCH, SEQ, RANK = 16, 128, 8
+BATCH, SEQ, RANK = 16, 128, 8  # BATCH and SEQ: the defaults of --batch and --seq
+COMPILED = "+compiled"  # suffix of a compiled workload's name
 
 
 def load_minilm():
@@ -62,16 +72,22 @@ def full_model():
     return load_minilm()
 
 
-def make_stepper(model):
+def make_batch(shape: tuple[int, int]) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 20000, shape, generator=g),
+            "attention_mask": torch.ones(shape, dtype=torch.long)}
+
+
+def make_stepper(model, shape: tuple[int, int], backend: str | None = None):
+    """One training step on a (batch, seq) batch; backend: through torch.compile with it (None: eager)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1000, 20000, (BATCH, SEQ), generator=g),
-             "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+    batch = make_batch(shape)
+    forward = model if backend is None else torch.compile(model, backend=backend)
 
     def step():
-        out = model(**batch).last_hidden_state
+        out = forward(**batch).last_hidden_state
         out.pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,15 +95,14 @@ def make_stepper(model):
     return step
 
 
-def make_inferer(model):
+def make_inferer(model, shape: tuple[int, int], backend: str | None = None):
     model.eval()
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1000, 20000, (BATCH, SEQ), generator=g),
-             "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+    batch = make_batch(shape)
+    forward = model if backend is None else torch.compile(model, backend=backend)
 
     def infer():
         with torch.inference_mode():
-            model(**batch)
+            forward(**batch)
 
     return infer
 
@@ -110,56 +125,84 @@ def measure(workloads: dict, rounds: int, steps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+STEP_MODELS = {  # workload -> the model it trains
+    "full": full_model,
+    "peftlab_lora": lambda: peftlab_model("lora"),
+    "peft_lora": peft_model,
+    "peftlab_dora": lambda: peftlab_model("dora"),
+    "peft_dora": lambda: peft_model(dora=True),
+    "peft_ia3": lambda: peft_model(ia3=True),
+}
+INFER_MODELS = {"base": full_model, "peftlab_lora": lambda: peftlab_model("lora"), "peft_lora": peft_model}
+GOALS = {"lora_step_vs_peft_lora": 0.93, "lora_infer_vs_base": 1.10, "dora_step_vs_lora": 1.10}
+
+
+def workloads(make, models: dict, shape: tuple[int, int], backend: str | None) -> dict:
+    """name -> timed function, eager; with a backend, each also compiled, as name + COMPILED."""
+    built = {name: make(model(), shape) for name, model in models.items()}
+    if backend is not None:
+        built.update({name + COMPILED: make(model(), shape, backend) for name, model in models.items()})
+    return built
+
+
+def ratio_table(step: dict[str, float], infer: dict[str, float]) -> dict[str, float]:
+    """The overhead ratios, from seconds per step and per inference by workload name."""
+    return {
+        "lora_step_vs_full": step["peftlab_lora"] / step["full"],
+        "peft_lora_step_vs_full": step["peft_lora"] / step["full"],
+        "peft_ia3_step_vs_full": step["peft_ia3"] / step["full"],
+        "lora_step_vs_peft_lora": step["peftlab_lora"] / step["peft_lora"],
+        "lora_infer_vs_base": infer["peftlab_lora"] / infer["base"],
+        "peft_lora_infer_vs_base": infer["peft_lora"] / infer["base"],
+        "dora_step_vs_lora": step["peftlab_dora"] / step["peftlab_lora"],
+        "peft_dora_step_vs_peft_lora": step["peft_dora"] / step["peft_lora"],
+    }
+
+
+def compiled_figures(step_s: dict[str, float], infer_s: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The ratios between compiled workloads, and each workload's compiled / eager seconds."""
+    step = {name: step_s[name + COMPILED] for name in STEP_MODELS}
+    infer = {name: infer_s[name + COMPILED] for name in INFER_MODELS}
+    speed = {**{f"step {k}": v / step_s[k] for k, v in step.items()},
+             **{f"inference {k}": v / infer_s[k] for k, v in infer.items()}}
+    return {"compiled_ratios": ratio_table(step, infer), "compiled_vs_eager": speed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--seq", type=int, default=SEQ)
+    parser.add_argument("--compile", action="store_true", help="also time every workload through torch.compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile's backend with --compile")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    shape, backend = (args.batch, args.seq), args.backend if args.compile else None
 
-    step = {
-        "full": make_stepper(full_model()),
-        "peftlab_lora": make_stepper(peftlab_model("lora")),
-        "peft_lora": make_stepper(peft_model()),
-        "peftlab_dora": make_stepper(peftlab_model("dora")),
-        "peft_dora": make_stepper(peft_model(dora=True)),
-        "peft_ia3": make_stepper(peft_model(ia3=True)),
-    }
-    infer = {
-        "base": make_inferer(full_model()),
-        "peftlab_lora": make_inferer(peftlab_model("lora")),
-        "peft_lora": make_inferer(peft_model()),
-    }
-    step_s = measure(step, args.rounds, args.steps)
-    infer_s = measure(infer, args.rounds, args.steps)
-    ratios = {
-        "lora_step_vs_full": step_s["peftlab_lora"] / step_s["full"],
-        "peft_lora_step_vs_full": step_s["peft_lora"] / step_s["full"],
-        "peft_ia3_step_vs_full": step_s["peft_ia3"] / step_s["full"],
-        "lora_step_vs_peft_lora": step_s["peftlab_lora"] / step_s["peft_lora"],
-        "lora_infer_vs_base": infer_s["peftlab_lora"] / infer_s["base"],
-        "peft_lora_infer_vs_base": infer_s["peft_lora"] / infer_s["base"],
-        "dora_step_vs_lora": step_s["peftlab_dora"] / step_s["peftlab_lora"],
-        "peft_dora_step_vs_peft_lora": step_s["peft_dora"] / step_s["peft_lora"],
-    }
-    goals = {"lora_step_vs_peft_lora": 0.93, "lora_infer_vs_base": 1.10, "dora_step_vs_lora": 1.10}
+    step_s = measure(workloads(make_stepper, STEP_MODELS, shape, backend), args.rounds, args.steps)
+    infer_s = measure(workloads(make_inferer, INFER_MODELS, shape, backend), args.rounds, args.steps)
+    ratios = ratio_table(step_s, infer_s)
     result = {
-        "setup": {"model": "all-MiniLM-L6-v2", "batch": BATCH, "seq": SEQ, "dtype": "float32", "rank": RANK,
-                  "targets": "every linear layer of the encoder (36)", "threads": args.threads,
-                  "rounds": args.rounds, "steps_per_round": args.steps, "statistic": "median over rounds"},
+        "setup": {"model": "all-MiniLM-L6-v2", "batch": args.batch, "seq": args.seq, "dtype": "float32",
+                  "rank": RANK, "targets": "every linear layer of the encoder (36)", "threads": args.threads,
+                  "rounds": args.rounds, "steps_per_round": args.steps, "statistic": "median over rounds",
+                  "compile_backend": backend},
         "seconds_per_step": step_s,
         "seconds_per_inference": infer_s,
         "ratios": ratios,
-        "goals": {k: {"goal": v, "measured": ratios[k], "met": ratios[k] <= v} for k, v in goals.items()},
+        "goals": {k: {"goal": v, "measured": ratios[k], "met": ratios[k] <= v} for k, v in GOALS.items()},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__},
     }
+    if backend is not None:
+        result.update(compiled_figures(step_s, infer_s))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["ratios"], indent=2))
+    files.write_json(args.out, result)
+    print(json.dumps({k: v for k, v in result.items() if "ratios" in k or k == "compiled_vs_eager"}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -54,6 +54,7 @@ from .methods.p_tuning_v2 import PTuningV2
 from .methods.mam import MAM
 from .methods.intrinsic import Intrinsic
 from . import analysis  # looking inside weight changes: peftlab.analysis.intruder_dimensions, ...
+from . import quantize  # a quantized frozen base: peftlab.quantize.quantize(model, "nf4"), dequantize_model, ...
 from .methods.delta import Delta
 from .model_level import ModelAdapter
 
@@ -95,6 +96,8 @@ __all__ = [
     # diagnostics of weight changes (a submodule): intruder dimensions, spectra, subspace similarity
     "analysis",
     "Delta",
+    # a quantized frozen base (a submodule): quantize, dequantize_model, merge_errors, LoftQ
+    "quantize",
 ]
 __version__ = "0.1.0"
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
@@ -142,6 +144,9 @@ class State:
     # group -> original values of the model parameters it trains in place (also_train modules and
     # a model-level adapter's in_place): put back on detach, swapped in by disabled()
     in_place: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    # adapter -> site -> (max abs, relative Frobenius) error a merge into a quantized layer added by
+    # requantizing (peftlab.quantize.merge_errors); dropped on unmerge
+    merge_errors: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
 
 class AdapterSlot(nn.ModuleDict):
@@ -214,6 +219,10 @@ def _chain(adapter: Adapter, host: nn.Module, base: Callable[[Tensor], Tensor]) 
 def state_of(model: nn.Module, create: bool = False) -> State:
     """The model's `State` (what is attached, what is active); raises when nothing is attached
     (create=True: makes an empty one)."""
+    if _compiled_wrapper(model):
+        raise PeftlabError("this is the wrapper torch.compile(model) returns: give peftlab the model you compiled "
+                           "(wrapper._orig_mod), whose changes the compiled one follows, or compile in place "
+                           "with model.compile()")
     state = model.__dict__.get("_peftlab")
     if state is None:
         if not create:
@@ -221,6 +230,13 @@ def state_of(model: nn.Module, create: bool = False) -> State:
         state = State()
         model.__dict__["_peftlab"] = state
     return state
+
+
+def _compiled_wrapper(model: nn.Module) -> bool:
+    """What torch.compile(model) returns: a module around the model (whose parameter names start with
+    `_orig_mod.`). Its class is looked up only once torch.compile has been used."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
 def _slot(host: nn.Module) -> AdapterSlot | None:
@@ -340,6 +356,7 @@ def _build(model: nn.Module, config: MethodConfig, name: str, calibration: Any, 
     the model untouched."""
     sites = sites_for(model, config) if config.site_adapters else []
     per_site = {s.name: config.at_site(overrides_for(s.name, s.host, config.overrides)) for s in sites}
+    _check_declared_quantized(config, sites)
     for s in sites:
         per_site[s.name].validate_site(s)
         if ADAPTERS in s.host.__dict__ or (ADAPTERS in s.host._modules and _slot(s.host) is None):
@@ -356,11 +373,36 @@ def _build(model: nn.Module, config: MethodConfig, name: str, calibration: Any, 
     built = {s.name: per_site[s.name].build(s, stats.get(s.name), initialize) for s in sites}
     whole = _build_model_adapter(model, config, name, initialize)
     in_place = in_place_parameters(model, config, whole)
+    _check_quantized_base(config, sites, built, in_place)
     if whole is not None:
         _check_in_place_free(model, whole.in_place, config)
     if state_dict is not None:
         _fill(built, whole, state_dict, name)
     return sites, built, whole, in_place
+
+
+def _check_declared_quantized(config: MethodConfig, sites: list[Site]) -> None:
+    """A method declared not to work on a quantized layer (quantized_base = "no") is refused before its
+    calibration runs."""
+    quantized = [s.name for s in sites if s.quantized]
+    if quantized and config.quantized_base == "no":
+        raise PeftlabError(f"method {config.method!r} needs the full-precision weight of {quantized[0]}, which is "
+                           "quantized: attach before quantizing, or leave the quantized layers out of targets")
+
+
+def _check_quantized_base(config: MethodConfig, sites: list[Site], built: dict[str, Adapter],
+                          in_place: dict[str, nn.Parameter]) -> None:
+    """Refuse, after the build and before any change, what cannot work on a quantized layer (peftlab.quantize):
+    an init that would rewrite its weight (requantizing it), training it in place."""
+    for s in sites:
+        if s.quantized and built[s.name].has_residual:
+            raise PeftlabError(f"method {config.method!r} starts by moving part of {s.name}'s weight into the adapter "
+                               "(a residual init such as PiSSA's), which would requantize the quantized weight: use an "
+                               "init that leaves W alone (e.g. init: gaussian), or attach before quantizing")
+    frozen = sorted(n for n, p in in_place.items() if not p.is_floating_point())
+    if frozen:
+        raise PeftlabError(f"method {config.method!r} would train {frozen[0]} in place, which is quantized: "
+                           "leave it out (targets, also_train), or attach before quantizing")
 
 
 def _build_model_adapter(model: nn.Module, config: MethodConfig, name: str, initialize: bool) -> ModelAdapter | None:
@@ -484,6 +526,7 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None, keep_merge
                                f"{list(state.groups)}. Detach the others first (plainly) or leave name=None")
         merge(model, names)  # refuses weightless methods before touching anything
         kept = _learned_tensors(model, state)
+        packed = _merged_packed(model, state)
     # Undo in reverse order of attach so weight snapshots pop from the top of each stack.
     for n in reversed([g for g in state.groups if g in names]):
         unmerge(model, n)
@@ -510,6 +553,8 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None, keep_merge
         del model.__dict__["_peftlab"]
     if keep_merged:
         _put_back(model, kept)
+        for site, (kind, saved) in packed.items():
+            kind.restore_weight(model.get_submodule(site), saved)
     return model
 
 
@@ -526,11 +571,48 @@ def _learned_tensors(model: nn.Module, state: State) -> dict[str, Tensor]:
     learned = {}
     for group_name, group in state.groups.items():
         for site in group.sites:
-            for pname, p in model.get_submodule(site).named_parameters(recurse=False):
-                learned[f"{site}.{pname}"] = p.detach().clone()
+            host = model.get_submodule(site)
+            for pname, p in host.named_parameters(recurse=False):
+                if not (pname == "weight" and _slot(host).kind.quantized):  # packed: see _merged_packed
+                    learned[f"{site}.{pname}"] = p.detach().clone()
         params = dict(model.named_parameters())
         learned.update({k: params[k].detach().clone() for k in state.in_place[group_name]})
     return learned
+
+
+def _merged_packed(model: nn.Module, state: State) -> dict[str, tuple[HostKind, Any]]:
+    """site -> (kind, packed weight) of the quantized hosts, merged: a packed weight is put back whole
+    (its scales with it), not copied into the original's storage."""
+    hosts = {site: model.get_submodule(site) for group in state.groups.values() for site in group.sites}
+    return {site: (_slot(h).kind, _slot(h).kind.save_weight(h)) for site, h in hosts.items() if _slot(h).kind.quantized}
+
+
+def check_rehost(model: nn.Module, names: list[str]) -> None:
+    """Refuse to replace layers whose weights hold a merged adapter or a residual init (see rehost)."""
+    for name in names:
+        slot = _slot(model.get_submodule(name))
+        if slot is not None and slot.history:
+            raise PeftlabError(f"{name}'s weight holds adapter {slot.history[-1].name!r} ({slot.history[-1].reason}): "
+                               "unmerge (or detach) it before replacing the layer")
+
+
+def rehost(model: nn.Module, name: str, new_host: nn.Module, kind: HostKind) -> None:
+    """Move the adapters attached at layer `name` to `new_host`, seen as `kind`, before the caller puts
+    new_host in the layer's place (peftlab.quantize.dequantize_model). Adapter parameters, state-dict
+    keys and the active set do not change; check_rehost first."""
+    old = model.get_submodule(name)
+    slot = _slot(old)
+    if slot is None:
+        return
+    del old._modules[ADAPTERS]
+    del old.__dict__["forward"]
+    slot.__dict__["host"] = new_host
+    slot.kind = kind
+    for module in slot.modules():
+        if isinstance(module, Adapter):
+            module.kind = kind
+    new_host.add_module(ADAPTERS, slot)
+    new_host.__dict__["forward"] = slot.host_forward
 
 
 def _put_back(model: nn.Module, values: dict[str, Tensor]) -> None:
@@ -549,7 +631,7 @@ def _restore(slot: AdapterSlot, reason: str, name: str) -> None:
         )
     snapshot = slot.history.pop()
     if snapshot.weight is not None:
-        slot.kind.write(slot.host, snapshot.weight)
+        slot.kind.restore_weight(slot.host, snapshot.weight)
     else:  # merged without a snapshot: additive methods subtract their delta
         slot.kind.write(slot.host, slot.kind.matrix(slot.host) - slot[name].delta_weight())
     if snapshot.bias is not None:
@@ -574,13 +656,36 @@ def merge(model: nn.Module, name: str | Iterable[str] | None = None, keep_origin
                     continue
                 weight, bias = slot.kind.matrix(slot.host), host_bias(slot.host) if adapter.changes_bias else None
                 merged_weight = adapter.merged_weight(weight)
-                slot.history.append(Snapshot("merge", n, weight.detach().clone() if keep_original else None,
-                                             None if bias is None else bias.detach().clone()))
+                # A quantized layer's snapshot is its packed weight itself (no copy): always kept, so
+                # unmerge never requantizes a second time.
+                kept = slot.kind.save_weight(slot.host) if keep_original or slot.kind.quantized else None
+                slot.history.append(Snapshot("merge", n, kept, None if bias is None else bias.detach().clone()))
                 if bias is not None:
                     bias.copy_(adapter.merged_bias(bias))
                 slot.kind.write(slot.host, merged_weight)
+                if slot.kind.quantized:
+                    state.merge_errors.setdefault(n, {})[site] = _requantization_error(slot, merged_weight)
                 slot.merged.append(n)
+    _warn_merge_errors(state, names)
     return model
+
+
+def _requantization_error(slot: AdapterSlot, exact: Tensor) -> tuple[float, float]:
+    """(max abs, relative Frobenius) of the requantized merged weight against the exact fp32 merge."""
+    error = slot.kind.matrix(slot.host).float() - exact.float()  # (out, in)
+    return error.abs().max().item(), (error.norm() / exact.float().norm().clamp_min(1e-30)).item()
+
+
+def _warn_merge_errors(state: State, names: list[str]) -> None:
+    for n in names:
+        errors = state.merge_errors.get(n)
+        if errors:
+            site, (worst, relative) = max(errors.items(), key=lambda item: item[1][1])
+            warnings.warn(f"merging adapter {n!r} into {len(errors)} quantized layer(s) requantized them: relative "
+                          f"Frobenius error up to {relative:.2e} ({site}, max abs {worst:.2e}) against the exact merge; "
+                          "peftlab.quantize.merge_errors(model) has every layer's, unmerge restores the packed weights "
+                          "exactly, and dequantize_model before detach(keep_merged=True) merges without it",
+                          stacklevel=3)
 
 
 def _check_mergeable(model: nn.Module, name: str, group: Group, keep_original: bool) -> None:
@@ -608,6 +713,7 @@ def unmerge(model: nn.Module, name: str | Iterable[str] | None = None) -> nn.Mod
                 if n in names:
                     _restore(slot, "merge", n)
                     slot.merged.remove(n)
+                    state.merge_errors.get(n, {}).pop(site, None)
     return model
 
 

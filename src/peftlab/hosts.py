@@ -19,11 +19,17 @@ four layer types, and a new method gets conv and embedding support for free:
     add_out(host, y, h, B)  y + apply_out(host, h, B), fused into one GEMM where the layout allows;
                             y must be base(x)'s fresh output (it may be added to in place)
     forward_with(host, x, M) the layer's forward with weight matrix M (and the layer's bias)
+
+A layer whose frozen weight is held quantized (peftlab.quantize: bitsandbytes' NF4 and int8
+linears) is a `linear` kind with `quantized=True`: `matrix` dequantizes to an fp32 (out, in)
+copy, `write` requantizes, and `snapshot`/`restore` keep and put back the packed weight
+itself, so undoing a merge is exact. Such kinds are registered by the module that defines them
+(`register_kinds`), looked up only once a layer of that library is seen.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,19 @@ class HostKind:
     add_out: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
     # Inputs are token indices (Embedding): dropout on the input means nothing there.
     index_input: bool = False
+    # The weight is held quantized: matrix() is a dequantized copy, write() requantizes (lossy).
+    quantized: bool = False
+    # Exact undo of a write: snapshot(host) -> what restore(host, saved) puts back. None: a copy
+    # of matrix(host), restored with write() (exact for full-precision layers).
+    snapshot: Callable[[nn.Module], Any] | None = None
+    restore: Callable[[nn.Module, Any], None] | None = None
+
+    def save_weight(self, host: nn.Module) -> Any:
+        """What restore_weight needs to put the host's weight back bit for bit."""
+        return self.snapshot(host) if self.snapshot is not None else self.matrix(host).detach().clone()
+
+    def restore_weight(self, host: nn.Module, saved: Any) -> None:
+        (self.restore if self.restore is not None else self.write)(host, saved)
 
 
 def _linear_out(host, h, B):
@@ -161,9 +180,24 @@ ALL_KINDS = ("linear", "conv1d", "embedding", "conv2d")
 LINEAR_LIKE = ("linear", "conv1d")
 
 
+# Kinds of layers from other libraries (quantized linears), by the library's top-level module
+# name: the provider runs once, the first time a layer of that library is seen, so the library
+# is imported only by whoever made such a layer.
+_PROVIDERS: dict[str, Callable[[], dict[type, HostKind]]] = {}
+
+
+def register_kinds(library: str, provider: Callable[[], dict[type, HostKind]]) -> None:
+    """Teach host_kind the layer types of `library` (e.g. "bitsandbytes"); provider() -> {type: kind}."""
+    _PROVIDERS[library] = provider
+
+
 def host_kind(module: nn.Module) -> HostKind | None:
     """The HostKind of a module, or None if peftlab cannot adapt its weight."""
     kind = _KINDS.get(type(module))
+    library = type(module).__module__.split(".")[0]
+    if kind is None and library in _PROVIDERS:
+        _KINDS.update(_PROVIDERS.pop(library)())
+        kind = _KINDS.get(type(module))
     if kind is CONV2D and (module.groups != 1 or module.padding_mode != "zeros"):
         return None  # grouped or non-zero-padded convolutions have no single (out, in) matrix view
     return kind

@@ -53,8 +53,14 @@ class Site:
 
     @property
     def weight(self) -> "Tensor":
-        """W0 as an (out, in) matrix: a view of the host's weight, in its dtype and device."""
+        """W0 as an (out, in) matrix: a view of the host's weight, in its dtype and device (a
+        quantized layer: a dequantized fp32 copy, see `quantized`)."""
         return self.kind.matrix(self.host)
+
+    @property
+    def quantized(self) -> bool:
+        """The host holds its weight quantized (peftlab.quantize): `weight` is a dequantized copy."""
+        return self.kind.quantized
 
     def as_matrix(self, tensor: "Tensor") -> "Tensor":
         """A tensor in the host weight's own layout (e.g. its gradient) viewed as (out, in), like `weight`."""
@@ -115,9 +121,20 @@ class MethodConfig:
     # one build_model() for the whole model (inputs, attention, parameters trained in place).
     site_adapters: ClassVar[bool] = True
     model_adapter: ClassVar[bool] = False
+    # torch.compile(model, fullgraph=True) traces the attached model's forward in one graph. False:
+    # the method's forward reads values it changes during training in Python (IncreLoRA's grown
+    # rank picks its blocks), so it compiles with graph breaks there, computing the same losses.
+    compile_fullgraph: ClassVar[bool] = True
     # The peft adapter type save(format="peft") writes: "LORA" through peft_lora/peft_config (below);
     # any other type (IA3, LN_TUNING, ...) through peft_export and, for load, peft_import.
     peft_type: ClassVar[str] = "LORA"
+    # On a quantized base (peftlab.quantize): "ok" when the method needs only the host's forward
+    # W x and the layer's shape; "dequantize" when it also reads W (an SVD init, DoRA's column
+    # norms), which a quantized layer gives as a dequantized fp32 copy (`Site.weight`); "no" when
+    # it cannot work there (it needs gradients of W, or W in full precision): attach refuses it.
+    # Whatever the declaration, attach refuses to rewrite a quantized weight (residual inits) or
+    # train one in place, and says so.
+    quantized_base: ClassVar[str] = "dequantize"
 
     def __post_init__(self) -> None:
         self.check_shapes()
@@ -295,6 +312,7 @@ def _check_overrides(where: str, overrides: Any) -> None:
 
 
 RUN_FIELDS = ("total_steps", "lr")
+QUANTIZED_BASE = ("ok", "dequantize", "no")  # MethodConfig.quantized_base
 
 _METHODS: dict[str, type[MethodConfig]] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -314,6 +332,8 @@ def register(name: str, **aliases: dict[str, Any]) -> Callable[[type], type]:
         unknown = sorted(set(cls.run_fields) - set(RUN_FIELDS))
         if unknown:
             raise RuntimeError(f"{cls.__name__}.run_fields {unknown}: the recipe knows only {RUN_FIELDS}")
+        if cls.quantized_base not in QUANTIZED_BASE:
+            raise RuntimeError(f"{cls.__name__}.quantized_base = {cls.quantized_base!r}: declare one of {QUANTIZED_BASE}")
         cls.method = name
         _METHODS[name] = cls
         for alias, preset in aliases.items():

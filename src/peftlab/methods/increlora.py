@@ -292,6 +292,9 @@ class IncreLoRA(MethodConfig):
     step_hook = True
     step_needs_optimizer = True  # new ranks start from fresh optimizer state
     adds_loss = True
+    # The forward reads the rank it grows (a buffer) to pick its blocks and, in training, which
+    # parameters are still warming up: Python reads of tensors, graph breaks under torch.compile.
+    compile_fullgraph = False
     run_fields = ("total_steps",)  # filled by the training recipe when unset
     trainable_formula = "rank * (in + out + 1) per site in use; max_rank * (in + out + 1) stored"
 

@@ -10,10 +10,17 @@ Initialisations (`init`):
     "pissa"     top-r SVD of W0 = U S V^T:  B = U_r S_r^(1/2)/sqrt(s), A = S_r^(1/2) V_r^T/sqrt(s)
                 (Meng et al. 2024, arXiv 2404.02948); `svd_niter` switches to a fast randomised SVD
     "olora"     QR of W0: B = Q[:, :r], A = R[:r]                  (Büyükakyüz 2024, arXiv 2406.01775)
+    "loftq"     on a quantized base: Q_t = q(W0 - s B A), s B A = top-r SVD of (W0 - Q_t), `loftq_iters`
+                times (Li et al. 2023, arXiv 2310.08659). It needs W0 in full precision while the layer
+                is quantized, so peftlab.quantize.quantize(model, scheme, loftq=LoRA(init="loftq"))
+                computes it and attaches; attach alone refuses it (a saved LoftQ adapter loads as usual)
 
 PiSSA and OLoRA move s*B0@A0 out of the frozen weight (the host holds W0 - s*B0@A0 while the
 adapter is attached) so the output at init is unchanged; the initial factors B0, A0 are kept
 as buffers, so a saved adapter re-applies to the original base weights.
+
+On a quantized base (peftlab.quantize) LoRA needs only the host's forward: every init but
+PiSSA's and OLoRA's (which rewrite W0) works there.
 
 On nn.Embedding the input is an index: A acts as a lookup table, dropout does not apply, and,
 as in `peft`, A starts at 0 and B ~ N(0, 1).
@@ -33,7 +40,7 @@ from ..hosts import ALL_KINDS, HostKind
 from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
 
-INITS = ("kaiming", "gaussian", "pissa", "olora")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
 
 
 def zero_factors(r: int, in_features: int, out_features: int, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
@@ -132,12 +139,14 @@ class LoRA(MethodConfig):
     init: str = "kaiming"
     rslora: bool = False
     svd_niter: int | None = None  # PiSSA: None = exact SVD, else iterations of a randomised SVD
+    loftq_iters: int = 1  # LoftQ: alternations of quantizing and the SVD (1: peft's replace_lora_weights_loftq)
 
     hosts = ALL_KINDS
+    quantized_base = "ok"
     trainable_formula = "r * (in + out) per site"
 
     def validate(self) -> None:
-        self.check_positive_int("r")
+        self.check_positive_int("r", "loftq_iters")
         self.check_dropout()
         if self.init not in INITS:
             raise PeftlabError(f"LoRA init {self.init!r} is unknown; choose one of {INITS}")
@@ -151,6 +160,10 @@ class LoRA(MethodConfig):
         if self.init in ("pissa", "olora") and site.kind.index_input:
             raise PeftlabError(f"init {self.init!r} needs a weight matrix input; {site.name} is an embedding: "
                                "exclude it")
+        if self.init in ("pissa", "olora") and site.quantized:
+            raise PeftlabError(f"LoRA init {self.init!r} moves the top of {site.name}'s weight into the adapter, but "
+                               "that weight is quantized: pass init: gaussian (or kaiming, or loftq through "
+                               "peftlab.quantize.quantize), or attach before quantizing")
 
     def peft_lora(self, adapter: LoRAAdapter) -> PeftLoRA:
         A, B = adapter.factors_on_original_base()  # PiSSA/OLoRA: rank 2r, see peftlab.io.peft
@@ -163,6 +176,10 @@ class LoRA(MethodConfig):
         weight = site.weight
         adapter = LoRAAdapter(site.kind, site.in_features, site.out_features, self.r, self.scale, self.dropout,
                               weight.dtype)
+        if initialize and self.init == "loftq":
+            raise PeftlabError(f"LoRA init 'loftq' fits A, B to {site.name}'s full-precision weight as it is "
+                               "quantized: pass this config to peftlab.quantize.quantize(model, 'nf4', loftq=config), "
+                               "which quantizes the model and attaches it")
         if initialize:
             initialise(adapter, self.init, weight, self.svd_niter)
         elif self.init in ("pissa", "olora"):

@@ -117,6 +117,7 @@ class LoRAGA(MethodConfig):
 
     hosts = LINEAR_LIKE
     needs_calibration = True
+    quantized_base = "no"  # its init moves part of W into the adapter (W - s B A): W must be full precision
     trainable_formula = "r * (in + out) per site"
 
     def validate(self) -> None:

@@ -83,7 +83,8 @@ class LoRAMoEAdapter(Adapter):
 def balance_term(probs: Tensor, chosen: Tensor, experts: int) -> Tensor:
     """E * sum_e f_e P_e - 1 over every token: probs (..., E), chosen (..., k) expert indices."""
     probs = probs.reshape(-1, experts)
-    counts = torch.bincount(chosen.reshape(-1), minlength=experts).to(probs.dtype)
+    # a one-hot sum rather than bincount: same counts, but an (E,) shape torch.compile can trace
+    counts = nn.functional.one_hot(chosen.reshape(-1), experts).sum(0).to(probs.dtype)  # (E,)
     share = counts / counts.sum()  # f_e: no gradient, as in Switch
     return experts * (share * probs.mean(0)).sum() - 1
 

@@ -115,6 +115,7 @@ class LoRASB(MethodConfig):
     svd_niter: int | None = None  # None: exact SVD, else iterations of a randomised SVD
 
     needs_calibration = True
+    quantized_base = "no"  # its init needs the gradient with respect to W, which a packed weight has not
     run_fields = ("total_steps", "lr")  # filled by the training recipe when unset
     trainable_formula = "r * r per site"
 

@@ -27,6 +27,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import PeftlabError
@@ -113,9 +114,12 @@ def parallel_ffn(model: nn.Module, targets: Any, exclude: Any, size: int, scale:
     bottlenecks = {}
     for name, layout in layouts.items():
         block = model.get_submodule(name)
-        reference = next(block.parameters())  # the block's dtype and device
-        f = dense_bottleneck(layout.width(block), size, activation, reference.dtype)
-        bottlenecks[name] = f.to(reference.device)
+        # the block's dtype: its floating-point parameters' (a quantized base packs weights in uint8;
+        # a block of only packed weights computes in fp32)
+        floating = next((p for p in block.parameters() if p.is_floating_point()), None)
+        f = dense_bottleneck(layout.width(block), size, activation, floating.dtype if floating is not None
+                             else torch.float32)
+        bottlenecks[name] = f.to(next(block.parameters()).device)
     return ParallelFFN(layouts, bottlenecks, scale)
 
 

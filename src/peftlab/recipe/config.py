@@ -4,7 +4,9 @@ A run config is a YAML mapping with these sections (every key optional). The dat
 below are the defaults' one source: the embedded default job (`default_dict`) is generated
 from them, and `peftlab train --print-config` shows them all:
 
-    model:     minilm-l6 | smollm2-135m | a local transformers checkpoint directory
+    model:     minilm-l6 | smollm2-135m | a local transformers checkpoint directory; or
+               {name: <one of those>, quantize: nf4 | int8}: the base's linear layers quantized
+               (peftlab.quantize), the adapter trained on top (QLoRA)
     task:      a registered task (data.py: movie-sentiment, trec-coarse, ...) | file
     data:      path/kind/columns of a `file` task, max_length, split fractions, limit
     method:    {name: <registered method>, <its fields>...}
@@ -113,9 +115,28 @@ class Noise:
     seed: int | None = None  # None: the run's seed
 
 
+class ModelName(str):
+    """The run's model: its name, a str as every reader of `run.model` expects, and the quantization of
+    its base (None: full precision), from `model: {name: ..., quantize: nf4}`."""
+
+    quantize: str | None
+
+    def __new__(cls, name: str, quantize: str | None = None) -> "ModelName":
+        model = super().__new__(cls, name)
+        model.quantize = quantize
+        return model
+
+    def __reduce__(self) -> tuple:  # copies and pickles keep the quantization
+        return ModelName, (str(self), self.quantize)
+
+    def to_config(self) -> str | dict[str, str]:
+        """As the run config writes it: the plain name when not quantized (existing configs' form)."""
+        return str(self) if self.quantize is None else {"name": str(self), "quantize": self.quantize}
+
+
 @dataclasses.dataclass
 class RunConfig:
-    model: str = _job("minilm-l6")
+    model: str = _job("minilm-l6")  # a ModelName once validated
     task: str = _job("movie-sentiment")
     data: Data = _job(Data())
     method: dict = _job(DEFAULT_METHOD)
@@ -129,7 +150,9 @@ class RunConfig:
     output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["model"] = self.model.to_config() if isinstance(self.model, ModelName) else self.model
+        return values
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -235,6 +258,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     section afresh (the default LoRA's `r` means nothing to another method)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
+        if key == "model" and isinstance(value, dict) and isinstance(out.get(key), str):
+            out[key] = {"name": out[key]}  # --set model.quantize=nf4 keeps the model's name
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             if key in NAMED_SECTIONS and value.get("name", out[key].get("name")) != out[key].get("name"):
                 kept = _accepted(key, value["name"], out[key])
@@ -351,6 +376,8 @@ def validate(data: dict[str, Any]) -> RunConfig:
             values[key] = _named(key, value)
         elif key in OPTIONAL_SECTIONS:
             values[key] = None if value is None else _section(OPTIONAL_SECTIONS[key], value, key)
+        elif key == "model":
+            values[key] = _model(value)
         else:
             values[key] = _check_value(key, value, top[key].type)
     for key, cls in SECTIONS.items():  # a section left out holds its (typed) defaults
@@ -381,6 +408,25 @@ def _check_finite(value: Any, key: str) -> None:
     elif isinstance(value, float) and not math.isfinite(value):
         raise PeftlabError(f"config key {key} = {value!r} is not a finite number: give a finite one "
                            "(YAML reads .nan, .inf and too large exponents such as 1e999 as non-finite)")
+
+
+def _model(value: Any) -> ModelName:
+    """`model: NAME` or `model: {name: NAME, quantize: nf4 | int8 | null}`."""
+    from ..quantize import SCHEMES
+
+    if isinstance(value, str):
+        return ModelName(value)
+    example = "e.g. model: {name: smollm2-135m, quantize: nf4}"
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise PeftlabError(f"config key model = {value!r} must be a model name or a mapping with a name, {example}")
+    unknown = sorted(set(value) - {"name", "quantize"})
+    if unknown:
+        raise PeftlabError(f"unknown config key(s) {', '.join(f'model.{k}' for k in unknown)}; model allows: name, quantize")
+    quantize = value.get("quantize")
+    if quantize is not None and quantize not in SCHEMES:
+        raise PeftlabError(f"config key model.quantize = {quantize!r} is unknown: use one of {', '.join(SCHEMES)} "
+                           "(or leave it out for a full-precision base)")
+    return ModelName(value["name"], quantize)
 
 
 def _named(key: str, value: Any) -> dict[str, Any]:

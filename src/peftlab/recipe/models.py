@@ -7,6 +7,9 @@
                    (~14 s) writes a plain fp32 checkpoint to the cache, later loads take ~1 s
     a directory    any local transformers checkpoint (config.json + weights)
 
+A quantized base (`model: {name: ..., quantize: nf4 | int8}`, a config.ModelName): the model is
+loaded in fp32, then its linear layers but the head are quantized by peftlab.quantize.
+
 `kind` picks the head: "classification" -> AutoModelForSequenceClassification with a new
 `num_labels` head, "sft" -> AutoModelForCausalLM.
 
@@ -35,6 +38,7 @@ import pathlib
 import torch
 from torch import nn
 
+from .config import ModelName
 from .data import KINDS  # the task kinds a model is loaded for
 from ..errors import PeftlabError
 from ..io import files
@@ -140,6 +144,10 @@ def load(name: str, kind: str, label_names: list[str] | None = None) -> tuple[nn
                 path, dtype=torch.float32, num_labels=len(label_names),
                 id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
                 pad_token_id=tokenizer.pad_token_id)
+    if isinstance(name, ModelName) and name.quantize is not None:
+        from .. import quantize
+
+        quantize.quantize(model, name.quantize)  # heads (classifier, score, lm_head) stay in fp32
     return model, tokenizer
 
 

@@ -13,7 +13,8 @@ A step is forward + loss + backward + AdamW step + zero_grad. Results: bench/res
 --compile adds every workload once more through torch.compile(model) (backend inductor unless
 --backend says otherwise), timed in the same rounds after its compile (the warm-up call), and
 records the same ratios between compiled workloads ("compiled_ratios") beside the eager ones,
-and each workload's compiled / eager time ("compiled_vs_eager").
+each workload's compiled / eager time ("compiled_vs_eager") and the graph breaks each compiled
+workload met ("compiled_graph_breaks": peftlab's none; peft's DoRA about 40).
 
 Usage: python bench/overhead.py [--rounds 5] [--steps 3] [--threads 2] [--compile [--backend inductor]]
 Smoke (seconds, proves the code path, not a measurement): --rounds 1 --steps 1 --batch 2 --seq 8
@@ -137,12 +138,21 @@ INFER_MODELS = {"base": full_model, "peftlab_lora": lambda: peftlab_model("lora"
 GOALS = {"lora_step_vs_peft_lora": 0.93, "lora_infer_vs_base": 1.10, "dora_step_vs_lora": 1.10}
 
 
-def workloads(make, models: dict, shape: tuple[int, int], backend: str | None) -> dict:
-    """name -> timed function, eager; with a backend, each also compiled, as name + COMPILED."""
+def workloads(make, models: dict, shape: tuple[int, int], backend: str | None) -> tuple[dict, dict[str, int]]:
+    """(name -> timed function, eager; with a backend, each also compiled, as name + COMPILED), and the
+    graph breaks each compiled one met when first called (here, outside the clock)."""
     built = {name: make(model(), shape) for name, model in models.items()}
+    breaks = {}
     if backend is not None:
-        built.update({name + COMPILED: make(model(), shape, backend) for name, model in models.items()})
-    return built
+        from torch._dynamo.utils import counters
+
+        for name, model in models.items():
+            compiled = make(model(), shape, backend)
+            before = sum(counters["graph_break"].values())
+            compiled()
+            breaks[name + COMPILED] = sum(counters["graph_break"].values()) - before
+            built[name + COMPILED] = compiled
+    return built, breaks
 
 
 def ratio_table(step: dict[str, float], infer: dict[str, float]) -> dict[str, float]:
@@ -182,9 +192,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape, backend = (args.batch, args.seq), args.backend if args.compile else None
+    if backend is not None:
+        # peft's DoRA breaks its graph ~40 times a step; each break starts a frame compiled once per model:
+        # torch's 8 compiled versions per code object would send later workloads back to eager.
+        torch._dynamo.config.recompile_limit = 64
 
-    step_s = measure(workloads(make_stepper, STEP_MODELS, shape, backend), args.rounds, args.steps)
-    infer_s = measure(workloads(make_inferer, INFER_MODELS, shape, backend), args.rounds, args.steps)
+    steppers, step_breaks = workloads(make_stepper, STEP_MODELS, shape, backend)
+    inferers, infer_breaks = workloads(make_inferer, INFER_MODELS, shape, backend)
+    step_s = measure(steppers, args.rounds, args.steps)
+    infer_s = measure(inferers, args.rounds, args.steps)
     ratios = ratio_table(step_s, infer_s)
     result = {
         "setup": {"model": "all-MiniLM-L6-v2", "batch": args.batch, "seq": args.seq, "dtype": "float32",
@@ -200,6 +216,7 @@ def main() -> None:
     }
     if backend is not None:
         result.update(compiled_figures(step_s, infer_s))
+        result["compiled_graph_breaks"] = {"step": step_breaks, "inference": infer_breaks}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if "ratios" in k or k == "compiled_vs_eager"}, indent=2))

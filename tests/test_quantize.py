@@ -294,7 +294,6 @@ def test_quantize_with_loftq_attaches_a_lora_that_brings_the_model_closer_to_ful
 # Methods that fail on a quantized base with a torch error instead of a refusal, until their files
 # declare it: LoRA-GA and LoRA-SB take gradients of the host weight in calibration (quantized_base =
 # "no"); the parallel adapter (and MAM) takes its dtype from the block's first parameter, uint8 there.
-PENDING: set[str] = set()  # methods that still crash on a quantized base instead of being refused
 EXTRA_FIELDS = {"adalora": {"total_steps": 10}, "lora_sb": {"total_steps": 10}, "increlora": {"max_rank": 8}}
 
 
@@ -317,8 +316,7 @@ def quantized_models():
     return {"llama": quantized_llama("nf4"), "bert": bert}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=RuntimeError))
-                                  if n in PENDING else n for n in peftlab.methods()])
+@pytest.mark.parametrize("name", peftlab.methods())
 def test_every_method_trains_on_a_quantized_base_or_is_refused_as_declared(name, quantized_models):
     cls, kwargs = _method_case(name)
     model = copy.deepcopy(quantized_models["bert" if name == "bitfit" else "llama"])

@@ -85,7 +85,7 @@ def _base_config(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def test_a_bad_key_fails_before_any_trial(tmp_path):
-    pytest.importorskip("ray")
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'peftlab[ray]')")
     space = write_space(tmp_path, {"parameters": {"method.rank": {"choice": [2, 4]}}})
     done = run_cli("tune", _base_config(tmp_path), "--space", space, "--trials", "2", "--out", tmp_path / "out")
     assert done.returncode == 2 and "rank" in done.stderr
@@ -93,8 +93,8 @@ def test_a_bad_key_fails_before_any_trial(tmp_path):
 
 
 def test_search_end_to_end_with_asha_and_the_best_config_trains_again(tmp_path):
-    pytest.importorskip("ray")
-    pytest.importorskip("optuna")
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'peftlab[ray]')")
+    pytest.importorskip("optuna", reason="optuna is not installed (pip install 'peftlab[ray]')")
     space = write_space(tmp_path, {"metric": "validation.loss", "mode": "min", "parameters": {
         "optimizer.lr": {"log_uniform": [1.0e-3, 3.0e-2]}, "method.r": {"choice": [2, 4]}}})
     out = tmp_path / "out"

@@ -77,3 +77,30 @@ def test_peftlab_train_chatterbot(name, tmp_path, capsys):
     losses = step_losses(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_generates_with_each_virtual_token_method():
+    """The real SmolLM2-135M: with each method attached, greedy generation with the KV cache equals
+    generation without it, and the adapter changes what is generated (its virtual tokens scaled up
+    so that they visibly steer a 135M model); after detach the base model's tokens come back."""
+    from peftlab.recipe import models
+
+    model, tokenizer = models.load("smollm2-135m", "sft")
+    model.eval()
+    batch = dict(tokenizer(["The capital of France is"], return_tensors="pt"))  # one prompt: 135M is slow on CPU
+    prompt_length = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        plain = _generate(model, batch, use_cache=True)
+        for name, fields in METHODS.items():
+            torch.manual_seed(0)
+            fields = {**fields, "encoder_hidden_size": 64} if name == "prefix" else fields
+            peftlab.attach(model, peftlab.config(name, **fields))
+            for p in peftlab.trainable_parameters(model).values():
+                p.mul_(20)
+            cached, uncached = _generate(model, batch, use_cache=True), _generate(model, batch, use_cache=False)
+            assert cached.shape == (1, prompt_length + 16), name
+            assert torch.equal(cached, uncached), name
+            assert not torch.equal(cached, plain), name
+            peftlab.detach(model)
+        assert torch.equal(_generate(model, batch, use_cache=True), plain)  # detached: the base model again

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from ..errors import PeftlabError
 from ..io import files
 from . import suite as suites
+from . import tuned
 from .suite import Job, Suite
 
 SCHEMA = 1
@@ -88,11 +89,12 @@ def _selection_score(suite: Suite, job: Job, lr: float,
     record = read_record(record_path(results_dir, probe))
     if record is None:
         return False, None
-    if lr not in suite.grid(job.method):  # an added rate: its record must be from the current config
+    if lr not in suite.selection_rates(job.method, job.task):  # an added rate: its record must be current
         config, _ = job_config(suite, probe, results_dir, pathlib.Path("runs"))
         if record.get("config_hash") != suites.config_hash(config, probe):
             return False, None
-    value = metric_value(record, suite.select["metric"]) if record.get("status") == "ok" else None
+    metric = suite.selection(job.task)["metric"]
+    value = metric_value(record, metric) if record.get("status") == "ok" else None
     if value is None:
         return True, None
     loss = metric_value(record, "validation.loss")
@@ -126,7 +128,7 @@ def grid_walk(suite: Suite, job: Job,
                 scores[lr] = value
         if not scores or len(rates) < 2 or len(added) >= suite.lr_extend:
             return scores, added, None
-        best = best_rate(scores, suite.select["mode"])
+        best = best_rate(scores, suite.selection(job.task)["mode"])
         if best == rates[-1]:
             step = rates[-1] * rates[-1] / rates[-2]
         elif best == rates[0]:
@@ -140,19 +142,35 @@ def grid_walk(suite: Suite, job: Job,
         rates, added = sorted([*rates, step]), [*added, step]
 
 
+def selection_walk(suite: Suite, job: Job,
+                   results_dir: pathlib.Path) -> tuple[dict[float, tuple[float, float]], list[float], float | None]:
+    """The task's tuner: ((score, loss) by rate, rates past the plan's, the next rate to try or None)."""
+    spec = suite.selection(job.task)
+    if spec["tuner"] != "optuna":
+        return grid_walk(suite, job, results_dir)
+    score = functools.partial(_selection_score, suite, job, results_dir=results_dir)
+    return tuned.walk(spec, suite.grid(job.method), suite.selection_rates(job.method, job.task),
+                      (job.method, job.task), score)
+
+
 def select_lr(suite: Suite, job: Job, results_dir: pathlib.Path) -> tuple[float, dict[str, Any]]:
     """The best learning rate for (method, task) on the validation metric, and the evidence."""
-    grid = suite.grid(job.method)
-    if len(grid) == 1:
+    grid, spec = suite.grid(job.method), suite.selection(job.task)
+    if not suite.selection_rates(job.method, job.task):  # a one-rate grid
         return grid[0], {"grid": grid, "chosen": grid[0], "metric": None, "scores": {}}
-    metric, mode = suite.select["metric"], suite.select["mode"]
-    scores, added, _ = grid_walk(suite, job, results_dir)
+    metric, mode = spec["metric"], spec["mode"]
+    scores, added, step = selection_walk(suite, job, results_dir)
+    if spec["tuner"] == "optuna" and step is not None:
+        raise PeftlabError(f"{job.method} on {job.task}: {len(scores)} of {spec['trials']} Optuna trials have a "
+                           f"score, lr {step:g} runs next: the final runs wait for every trial")
     if not scores:
         raise PeftlabError(f"no selection run of {job.method} on {job.task} finished with {metric}: "
                            "see their records for the error, fix it and run the bench again")
     best = best_rate(scores, mode)
     evidence = {"grid": grid, "added": added, "chosen": best, "metric": metric, "mode": mode,
                 "scores": {f"{lr:g}": v for lr, (v, _) in sorted(scores.items())}}
+    if spec["tuner"] == "optuna":  # a grid's evidence keeps its keys: old records compare equal
+        evidence.update(tuner="optuna", trials=spec["trials"], range=list(tuned.search_range(spec, grid)))
     tied = {lr: loss for lr, (v, loss) in scores.items() if v == scores[best][0]}
     if len(tied) > 1:  # the record says how the tie was broken
         evidence["tie_broken_by"] = {"validation.loss": {f"{lr:g}": loss for lr, loss in sorted(tied.items())}}
@@ -300,6 +318,7 @@ def run_suite(suite: Suite, results_dir: pathlib.Path, runs_dir: pathlib.Path, r
     from . import execute
 
     run_one = run_one or execute.run_job
+    tuned.check_installed([suite.selection(task) for task in suite.tasks])
     if peer_methods is None:
         from ..recipe import peer
 
@@ -327,16 +346,16 @@ def _run_all(loop: Loop) -> None:
     loop.pending = list(jobs)
     loop.recorded = {j for j in jobs if (read_record(record_path(results_dir, j)) or {}).get("status") == "ok"}
     while loop.pending or loop.running:
-        waiting = len(loop.pending)
+        before = (loop.launched, len(loop.jobs))  # launches and selection runs added this round tell progress
         for job in list(loop.pending):  # in plan order: a job's dependencies come before it
             if not dry_run and len(loop.running) >= workers:
                 break
-            if dry_run or loop.ready(job):
+            if loop.ready(job):
                 loop.pending.remove(job)
                 loop.launch(job)
         if loop.running:
             loop.collect()
-        elif len(loop.pending) == waiting:  # nothing started, nothing added: a dependency never ran
+        elif (loop.launched, len(loop.jobs)) == before:  # nothing started, nothing added: a dependency never ran
             raise PeftlabError(f"bench: jobs wait on jobs that never ran: {[j.name for j in loop.pending]}")
     if loop.spent:  # one line per invocation that ran something: how long the bench itself took
         log_invocation(results_dir, {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -382,19 +401,41 @@ class Loop:
     reuse: Callable[..., dict] | None = None  # evaluates a selection run as a final run (None: always train)
 
     def ready(self, job: Job) -> bool:
-        """Its selection runs (and the forgetting reference) have records, and no rate is to be added."""
-        if not all(d in self.records for d in dependencies(self.suite, job, self.jobs)):
+        """Its selection runs (and the forgetting reference) have records, and no rate is to be added.
+
+        A dry run waits for nothing; it only lists the tuner's trials it can name (tuner_ready).
+        """
+        if not self.dry_run and not all(d in self.records for d in dependencies(self.suite, job, self.jobs)):
             return False
-        if job.phase != "final" or not self.suite.lr_extend or self.dry_run:
+        if job.phase != "final":
+            return True
+        if self.suite.selection(job.task)["tuner"] == "optuna":
+            return self.tuner_ready(job)
+        if not self.suite.lr_extend or self.dry_run:
             return True
         _, _, step = grid_walk(self.suite, job, self.results_dir)
         if step is None:
             return True
-        added = Job(job.method, job.task, self.suite.seeds[0], "select", lr=step)
-        if added not in self.jobs:  # the cell's final runs now wait for it too (see dependencies)
-            self.jobs.insert(self.jobs.index(job), added)
-            self.pending.insert(self.pending.index(job), added)
+        self.add_selection_runs(job, [step])
         return False
+
+    def tuner_ready(self, job: Job) -> bool:
+        """Every trial so far, and the next, is a job of this bench before `job`: a resumed bench lists
+        the trials it ran before (skipped) and runs the next one; the final runs wait for the last."""
+        _, suggested, step = selection_walk(self.suite, job, self.results_dir)
+        if self.add_selection_runs(job, [*suggested, *([] if step is None else [step])]):
+            return False
+        return step is None or self.dry_run  # a dry run cannot know the trials after the next one
+
+    def add_selection_runs(self, job: Job, rates: list[float]) -> bool:
+        """Selection runs at `rates` that the final `job` (and its cell's) now wait for (see dependencies);
+        False when each is a job already."""
+        added = [Job(job.method, job.task, self.suite.seeds[0], "select", lr=lr) for lr in rates]
+        added = [a for a in added if a not in self.jobs]
+        for selection in added:
+            self.jobs.insert(self.jobs.index(job), selection)
+            self.pending.insert(self.pending.index(job), selection)
+        return bool(added)
 
     def settle(self, job: Job, record: dict[str, Any]) -> None:
         self.records[job] = record

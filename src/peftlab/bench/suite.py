@@ -20,7 +20,10 @@ A suite file (bench/suites/<name>.yaml) says what to compare and how:
     lr_extend:      0: when the best rate of a grid is its largest (or smallest), up to this
                     many rates are added past that end, one at a time, a step of the grid's
                     ratio at that end, until the best rate is inside (default 0)
-    select:         {metric: validation.accuracy, mode: max}: how the grid is decided
+    select:         {metric: validation.accuracy, mode: max, tuner: grid}: how the rate is chosen;
+                    tuner: optuna (with trials: N, range: [lo, hi]) runs Optuna's TPE instead
+                    of the grid (bench/tuned.py); a task's own `select:` under `tasks`
+                    overrides these keys for that task (e.g. metric: validation.macro_f1)
     peer:           true | false | [methods]: also train the method through `peft`
     forgetting:     {examples: 256, max_length: 64}: loss change on held-out movie-dialog
                     text (causal-LM suites)
@@ -36,8 +39,9 @@ that need the rate, LoRA-SB).
 
 A plan is a list of `Job`s in the order they run. For each task and method: when its grid has
 more than one learning rate, one selection run per rate (the suite's first seed, evaluated on
-the validation split only); then one final run per seed with the chosen rate (evaluated on the
-test split only, once); then the `peft` peer runs with the same rate and seeds. A suite
+the validation split only; with tuner optuna, the grid's first `trials` rates, and the tuner
+adds the rest as they are suggested); then one final run per seed with the chosen rate
+(evaluated on the test split only, once); then the `peft` peer runs with the same rate and seeds. A suite
 with `forgetting` starts with one reference job: the base model's loss on that text.
 """
 from __future__ import annotations
@@ -46,6 +50,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -58,6 +63,9 @@ SUITE_KEYS = ("name", "description", "run", "tasks", "seeds", "methods", "baseli
               "overrides", "lr", "lr_extend", "select", "peer", "forgetting", "workers", "threads", "resources")
 TEMPLATES = ("steps", "lr")  # "{steps}", "{lr}" in a suite: the run's train.steps and learning rate
 FORGETTING_DEFAULTS = {"examples": 256, "max_length": 64, "batch_size": 32, "seed": 0}
+SELECT_KEYS = ("metric", "mode", "tuner", "trials", "range")
+TUNERS = ("grid", "optuna")  # grid: the lr grid (+ lr_extend); optuna: the grid's rates, then TPE
+TUNER_ONLY = ("trials", "range")  # the keys only the optuna tuner reads
 
 
 @dataclasses.dataclass
@@ -74,16 +82,29 @@ class Suite:
     method_fields: dict[str, Any]
     overrides: dict[str, dict[str, Any]]
     lr: dict[str, list[float]]
-    select: dict[str, str]
+    select: dict[str, Any]  # metric, mode (+ tuner, trials, range when given)
     peer: Any  # bool or a list of names
     forgetting: dict[str, Any] | None
     workers: int = 1  # runs at once, each in its own process
     lr_extend: int = 0  # rates a grid may grow by past the end its best rate sits at
     threads: int | None = None  # torch threads per run (None: torch's default, all cores)
     resources: dict[str, float] = dataclasses.field(default_factory=lambda: {"cpus": 1, "gpus": 0})  # per Ray task
+    task_select: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # task -> its own `select`
 
     def grid(self, method: str) -> list[float]:
         return sorted(self.lr.get(method, self.lr["default"]))
+
+    def selection(self, task: str) -> dict[str, Any]:
+        """How a task's learning rates are chosen: metric, mode, tuner (+ trials and range for optuna)."""
+        return {"tuner": "grid", **self.task_select.get(task, self.select)}
+
+    def selection_rates(self, method: str, task: str) -> list[float]:
+        """The rates the plan gives selection runs: the grid (none for a one-rate grid), or the
+        tuner's first trials, the grid's first `trials` rates."""
+        grid, spec = self.grid(method), self.selection(task)
+        if spec["tuner"] == "optuna":
+            return grid[:spec["trials"]]
+        return grid if len(grid) > 1 else []
 
     def method_names(self, registered: list[str]) -> list[str]:
         """The methods this suite compares: baselines first, then the registered ones."""
@@ -193,6 +214,7 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
         _fail(name, "run sets task, seed or output, which the bench chooses: list tasks under `tasks` "
                     "and seeds under `seeds`")
     tasks = _tasks(name, data.get("tasks"))
+    own_selects = {task: overrides.pop("select") for task, overrides in tasks.items() if "select" in overrides}
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
         _fail(name, f"seeds must be a non-empty list of integers, e.g. [0, 1, 2]; got {seeds!r}")
@@ -224,12 +246,16 @@ def parse(data: Any, name: str, path: pathlib.Path | None = None) -> Suite:
         _fail(name, f"workers must be a positive integer (runs at once), got {workers!r}")
     if threads is not None and (not _is_int(threads) or threads < 1):
         _fail(name, f"threads must be a positive integer (torch threads per run) or null, got {threads!r}")
+    lr = _lr_grids(name, data.get("lr"))
+    select = _select(name, "select", _mapping(name, "select", data.get("select")), lr)
+    task_select = {task: _select(name, f"tasks.{task}.select", _task_select(name, task, own, data.get("select")), lr)
+                   for task, own in own_selects.items()}
     return Suite(name=name, path=path, description=str(data.get("description", "")).strip(), run=run,
                  tasks=tasks, seeds=list(seeds), methods=methods, baselines=baselines, exclude=exclude,
                  method_fields=_mapping(name, "method_fields", data.get("method_fields")),
-                 overrides=_overrides(name, data.get("overrides"), tasks), lr=_lr_grids(name, data.get("lr")),
-                 select=_select(name, data.get("select")), peer=peer, forgetting=forgetting, workers=workers,
-                 threads=threads, lr_extend=lr_extend, resources=_resources(name, data.get("resources"), threads))
+                 overrides=_overrides(name, data.get("overrides"), tasks), lr=lr, select=select, peer=peer,
+                 forgetting=forgetting, workers=workers, threads=threads, lr_extend=lr_extend,
+                 resources=_resources(name, data.get("resources"), threads), task_select=task_select)
 
 
 def _is_int(value: Any) -> bool:
@@ -270,14 +296,63 @@ def _lr_grids(suite: str, value: Any) -> dict[str, list[float]]:
     return {k: [float(x) for x in v] for k, v in lr.items()}
 
 
-def _select(suite: str, value: Any) -> dict[str, str]:
-    """`select`: the validation metric the rate is chosen on, and whether higher or lower wins."""
-    select = {"metric": "validation.accuracy", "mode": "max", **_mapping(suite, "select", value)}
-    if select["mode"] not in ("max", "min") or set(select) - {"metric", "mode"}:
-        _fail(suite, f"select must be {{metric: <split>.<metric>, mode: max|min}}, got {select!r}")
+def _task_select(suite: str, task: str, own: Any, shared: Any) -> dict[str, Any]:
+    """A task's `select` over the suite's: a task naming its own tuner keeps none of the other tuner's keys."""
+    own, shared = _mapping(suite, f"tasks.{task}.select", own), _mapping(suite, "select", shared)
+    if "tuner" in own:
+        shared = {k: v for k, v in shared.items() if k not in ("tuner", *TUNER_ONLY)}
+    return {**shared, **own}
+
+
+def _select(suite: str, where: str, given: dict[str, Any], grids: dict[str, list[float]]) -> dict[str, Any]:
+    """`select`: the validation metric the rate is chosen on, whether higher or lower wins, and the tuner.
+
+    Only the keys given are kept besides metric and mode, so a grid suite's `select` reads as before.
+    """
+    unknown = sorted(set(given) - set(SELECT_KEYS))
+    if unknown:
+        _fail(suite, f"{where} has unknown key(s) {unknown}; allowed: {', '.join(SELECT_KEYS)}")
+    select = {"metric": "validation.accuracy", "mode": "max", **given}
+    if select["mode"] not in ("max", "min"):
+        _fail(suite, f"{where}.mode must be max or min, got {select['mode']!r}")
     if not isinstance(select["metric"], str) or "." not in select["metric"]:
-        _fail(suite, f"select.metric must look like validation.accuracy or validation.loss, got {select['metric']!r}")
+        _fail(suite, f"{where}.metric must look like validation.accuracy or validation.loss, got {select['metric']!r}")
+    _check_tuner(suite, where, select, grids)
+    if "range" in select:
+        select["range"] = [float(x) for x in select["range"]]
     return select
+
+
+def _check_tuner(suite: str, where: str, select: dict[str, Any], grids: dict[str, list[float]]) -> None:
+    """tuner grid (the default) takes no tuner keys; optuna needs `trials` and may narrow `range`."""
+    tuner = select.get("tuner", "grid")
+    if tuner not in TUNERS:
+        _fail(suite, f"{where}.tuner {tuner!r} is unknown: use grid (the lr grid, the default) or optuna "
+                     "(Optuna's TPE, from the grid's rates)")
+    if tuner == "grid":
+        given = [k for k in TUNER_ONLY if k in select]
+        if given:
+            _fail(suite, f"{where}.{given[0]} applies to tuner: optuna only: add tuner: optuna or remove it")
+        return
+    trials = select.get("trials")
+    if not _is_int(trials) or trials < 1:
+        _fail(suite, f"{where}.trials must be an integer >= 1 with tuner: optuna (selection runs per method "
+                     f"and task, e.g. 8), got {trials!r}")
+    if "range" in select:
+        _check_range(suite, where, select["range"], grids)
+
+
+def _check_range(suite: str, where: str, bounds: Any, grids: dict[str, list[float]]) -> None:
+    """`range: [low, high]`: positive, increasing, and holding every grid rate (the grid's rates are trials)."""
+    numbers = isinstance(bounds, list) and len(bounds) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in bounds)
+    if not numbers or not 0 < bounds[0] < bounds[1]:
+        _fail(suite, f"{where}.range must be [low, high] with 0 < low < high, e.g. [1.0e-5, 1.0e-2]; got {bounds!r}")
+    for key, grid in grids.items():
+        outside = [lr for lr in grid if not bounds[0] <= lr <= bounds[1]]
+        if outside:
+            _fail(suite, f"{where}.range {bounds} leaves out lr.{key}'s {outside[0]:g}: widen it to hold every "
+                         "grid rate (they are the first trials), or leave it out for [min(grid)/4, max(grid)*4]")
 
 
 def _overrides(suite: str, value: Any, tasks: dict[str, dict]) -> dict[str, dict]:
@@ -328,10 +403,7 @@ def plan(suite: Suite, registered: list[str], peer_methods: set[str], methods: l
         jobs.append(Job("reference", "forgetting", suite.forgetting["seed"], "reference"))
     for task in task_names:
         for method in chosen:
-            grid = suite.grid(method)
-            cell = []
-            if len(grid) > 1:
-                cell += [Job(method, task, suite.seeds[0], "select", lr=lr) for lr in grid]
+            cell = [Job(method, task, suite.seeds[0], "select", lr=lr) for lr in suite.selection_rates(method, task)]
             cell += [Job(method, task, seed, "final") for seed in suite.seeds]
             if suite.wants_peer(method) and method in peer_methods:
                 cell += [Job(method, task, seed, "final", implementation="peft") for seed in suite.seeds]

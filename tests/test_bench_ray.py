@@ -32,7 +32,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers c
 # Measured, not computed: they differ between any two runs of the same config (and `node`, `run_dir`
 # say where a run happened).
 MEASURED = {"bench_time_s", "finished_at", "wall_time_s", "train_time_s", "s_per_step", "train_cpu_time_s",
-            "cpu_s_per_step", "cpu_time_s", "peak_rss_mb", "machine", "node", "run_dir"}
+            "cpu_s_per_step", "cpu_time_s", "peak_rss_mb", "machine", "node", "run_dir", "init_time_s",
+            "latency_ms", "validation_curve"}
 TINY = {
     "run": {"model": "minilm-l6", "data": {"max_length": 32, "limit": 160},
             "train": {"steps": 2, "batch_size": 8, "eval_batch_size": 32, "save_every": 1000, "progress": False},

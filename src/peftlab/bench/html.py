@@ -49,7 +49,7 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
 
 
-NUMBER = re.compile(r"^[-+]?(\d|\.\d|-$)")  # numbers (and '-', no value) are right-aligned
+NUMBER = re.compile(r"^[-+]?(\d|\.\d|-$|—)")  # numbers (and '-' or '—', no value) are right-aligned
 
 
 def _cells(row: str) -> list[str]:

@@ -9,6 +9,13 @@ classification suites, test answer loss for causal-LM suites (lower is better).
 
 Plots (matplotlib, one panel per task): the score against trainable parameters, with the
 Pareto front (no other method is both smaller and better), and against training time.
+
+Measured columns, printed for a task when one of its records has them ("—" where a record does
+not: records from before they were measured stay valid): `init s` (building the adaptation,
+data-driven initialisation included, outside the training time), `to 95%` (the first in-training
+validation whose accuracy reaches 95% of the last one's: its step and wall seconds since training
+started; runs with train.eval_every) and the latency per evaluation batch unmerged / merged / with
+the adapters off (execute.py measures it).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from ..io import files
 from ..registry import config as method_config
 from .runner import metric_value, read_invocations, read_records
 from .suite import BASELINES, Suite
+from .tuned import selection_notes
 
 PLOT_PARAMS = "score_vs_trainable_parameters.png"
 PLOT_TIME = "score_vs_training_time.png"
@@ -70,11 +78,37 @@ def aggregate(records: list[dict[str, Any]], suite: Suite) -> dict[tuple[str, st
             "rss": _stats([r.get("peak_rss_mb") for r in runs]),
             "adapter": _stats([r.get("adapter_bytes") for r in runs]),
             "forgetting": _stats([(r.get("forgetting") or {}).get("delta") for r in runs]),
+            **_measured(runs),
             "steps": _stats([r.get("steps") for r in runs]),
             "lr": runs[0].get("lr"),
             "selection": runs[0].get("selection") or {},
         }
     return table
+
+
+TARGET_SHARE = 0.95  # time to accuracy: the first validation at this share of the final one
+
+
+def time_to_accuracy(curve: list[dict[str, Any]] | None,
+                     share: float = TARGET_SHARE) -> tuple[int, float | None] | None:
+    """(step, wall seconds) of the first validation whose accuracy is at least `share` x the last
+    validation's; None without a curve with accuracies."""
+    points = [p for p in curve or [] if isinstance(p.get("accuracy"), (int, float))]
+    if not points:
+        return None
+    target = share * points[-1]["accuracy"]
+    first = next(p for p in points if p["accuracy"] >= target)  # the last point itself qualifies
+    return first["step"], first.get("wall_s")
+
+
+def _measured(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean/std over the seeds of what execute.py measures besides training: init, time to accuracy, latency."""
+    reached = [time_to_accuracy(r.get("validation_curve")) for r in runs]
+    latency = [r.get("latency_ms") or {} for r in runs]
+    return {"init_time": _stats([r.get("init_time_s") for r in runs]),
+            "to_target_step": _stats([t[0] for t in reached if t]),
+            "to_target_s": _stats([t[1] for t in reached if t]),
+            **{f"latency_{kind}": _stats([ms.get(kind) for ms in latency]) for kind in ("unmerged", "merged", "base")}}
 
 
 # ---- formatting --------------------------------------------------------------------------------
@@ -124,6 +158,43 @@ def _percent(stat) -> str:
     return "-" if stat is None else f"{100 * stat[0]:.3f}%"
 
 
+MISSING = "—"  # the measured columns' cell for a record without the measurement
+
+
+def _mean(stat, digits: int) -> str:
+    return MISSING if stat is None else f"{stat[0]:.{digits}f}"
+
+
+def _to_target(row: dict[str, Any]) -> str:
+    if row["to_target_step"] is None:
+        return MISSING
+    return f"{row['to_target_step'][0]:.0f} / {_mean(row['to_target_s'], 1)}"
+
+
+def _latency(row: dict[str, Any]) -> str:
+    parts = [row[f"latency_{kind}"] for kind in ("unmerged", "merged", "base")]
+    return MISSING if all(p is None for p in parts) else " / ".join(_mean(p, 1) for p in parts)
+
+
+# (header, cell, aggregate() keys that hold its data): shown when a row of the table has any of them
+MEASURED_COLUMNS = (("init s", lambda row: _mean(row["init_time"], 2), ("init_time",)),
+                    ("to 95% (steps / s)", _to_target, ("to_target_step",)),
+                    ("latency unmerged / merged / base ms", _latency,
+                     ("latency_unmerged", "latency_merged", "latency_base")))
+
+
+def measured_columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """[(header, cell function)] of the measured columns some of these rows have data for."""
+    return [(header, cell) for header, cell, keys in MEASURED_COLUMNS
+            if any(row[k] is not None for row in rows for k in keys)]
+
+
+MEASURED_NOTE = ("`init s`: seconds building the adaptation (attach, data-driven initialisation included; not in "
+                 "the train time). `to 95%`: the first in-training validation reaching 95% of the last one's accuracy, "
+                 "its step / wall seconds since training started. `latency`: ms per forward of one evaluation batch "
+                 "(median of 5), unmerged / merged / adapters off; — where the method cannot merge or a record lacks it.")
+
+
 def _method_order(table: dict, task: str, mode: str) -> list[str]:
     """Baselines first, then the methods by score (best first)."""
     methods = {m for (t, m, impl) in table if t == task and impl == "peftlab"}
@@ -164,6 +235,8 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str],
             header.insert(2, "vs head-only")
         if has_forgetting:
             header.insert(2, "forgetting (Δ loss)")
+        measured = measured_columns([table[(task, m, "peftlab")] for m in _method_order(table, task, mode)])
+        header += [name for name, _ in measured]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in _method_order(table, task, mode):
             row = table[(task, method, "peftlab")]
@@ -177,10 +250,11 @@ def markdown(suite: Suite, records: list[dict[str, Any]], plots: list[str],
                              else f"{row['score'][0] - probe[0]:+.3f}")
             if has_forgetting:
                 cells.insert(2, _mean_std(row["forgetting"], 3))
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(cells + [cell(row) for _, cell in measured]) + " |")
         lines.append("")
         if probe:
             lines += ["`vs head-only`: the mean score minus the linear probe's (the classifier alone trained).", ""]
+        lines += [MEASURED_NOTE, ""] if measured else []
         lines += _peer_table(table, task, metric)
     lines += [f"![score vs trainable parameters]({p})" for p in plots[:1]]
     lines += ["", *[f"![score vs training time]({p})" for p in plots[1:2]], ""]
@@ -201,6 +275,11 @@ def _peer_table(table: dict, task: str, metric: str) -> list[str]:
              f"| method | {metric} peftlab | {metric} peft | s/step peftlab | s/step peft | CPU s/step peftlab "
              "| CPU s/step peft | step time ratio | peak RSS peftlab (MB) | peak RSS peft (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [row for m in pairs for row in (table[(task, m, "peftlab")], table[(task, m, "peft")])]
+    with_latency = any(_latency(row) != MISSING for row in rows)
+    if with_latency:  # the latency of each, unmerged / merged / adapters off
+        lines[-2] += " latency peftlab (ms) | latency peft (ms) |"
+        lines[-1] += "---|---|"
     for method in pairs:
         ours, theirs = table[(task, method, "peftlab")], table[(task, method, "peft")]
         ratio = "-"
@@ -209,7 +288,8 @@ def _peer_table(table: dict, task: str, metric: str) -> list[str]:
         lines.append(f"| {method} | {_mean_std(ours['score'])} | {_mean_std(theirs['score'])} | "
                      f"{_mean_std(ours['s_per_step'], 3)} | {_mean_std(theirs['s_per_step'], 3)} | "
                      f"{_mean_std(ours['cpu_s_per_step'], 3)} | {_mean_std(theirs['cpu_s_per_step'], 3)} | {ratio} | "
-                     f"{_mean_std(ours['rss'], 0)} | {_mean_std(theirs['rss'], 0)} |")
+                     f"{_mean_std(ours['rss'], 0)} | {_mean_std(theirs['rss'], 0)} |"
+                     + (f" {_latency(ours)} | {_latency(theirs)} |" if with_latency else ""))
     return lines + [""]
 
 
@@ -226,6 +306,7 @@ def _grid_section(suite: Suite, table: dict) -> list[str]:
     if special:
         lines.append("Own grids: " + "; ".join(f"{m}: {', '.join(f'{x:g}' for x in g)}" for m, g in special.items())
                      + ".")
+    lines += selection_notes(suite)  # which selection each task used, when not the suite's grid alone
     chosen = [(t, m, v["selection"]) for (t, m, impl), v in sorted(table.items())
               if impl == "peftlab" and v["selection"].get("scores")]
     if chosen:

@@ -27,12 +27,16 @@ Run directory:
     metrics.jsonl     one JSON object per logged step and per evaluation
     tensorboard/      the same metrics for TensorBoard
     checkpoints/      checkpoint-<step>/ (the newest `train.keep_checkpoints`)
-    summary.json      task metrics, trainable/total parameters, peak RSS, wall time, steps/s
+    summary.json      task metrics, trainable/total parameters, peak RSS, wall time, steps/s, the
+                      seconds building the adaptation took (init_time_s: attach with any data-driven
+                      initialisation, not in train_time_s) and the in-training validations
+                      (validation_curve, with train.eval_every)
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import pathlib
@@ -89,7 +93,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
         # 2. the model, made trainable
         set_seed(run.seed)
         adapter_state = load_file(start.checkpoint / "trainable.safetensors") if start.checkpoint else None
-        adapted, tokenizer = make_trainable(run, task, train_rows, adapter_state, hooks)
+        adapted, tokenizer, init_time = make_trainable(run, task, train_rows, adapter_state, hooks)
 
         # 3. the loop
         train_set, val_set, test_set = (data.encode(rows, task.kind, tokenizer, run.data.max_length)
@@ -108,7 +112,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False,
             output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
         timing = {"train_time_s": time.time() - training_started,
                   # all threads: steadier than wall time when the machine is busy
-                  "train_cpu_time_s": time.process_time() - training_cpu_started}
+                  "train_cpu_time_s": time.process_time() - training_cpu_started,
+                  "init_time_s": init_time, "training_started": training_started}
 
         # 4. final metrics, the adapter and the summary
         metrics = _final_metrics(trainer, {"validation": val_set, "test": test_set}, hooks.splits)
@@ -188,18 +193,23 @@ def fill_run_fields(run: RunConfig, train_examples: int) -> None:
 
 
 def make_trainable(run: RunConfig, task: data.TaskData, train_rows: list[dict], adapter_state: dict | None,
-                   hooks: Hooks) -> tuple[adaptation.Adaptation, Any]:
-    """(adaptation, tokenizer): the configured method, a baseline, or the caller's own adaptation."""
+                   hooks: Hooks) -> tuple[adaptation.Adaptation, Any, float]:
+    """(adaptation, tokenizer, init seconds): the configured method, a baseline, or the caller's own
+    adaptation, and the wall seconds building it took (attach with its calibration batches and any
+    data-driven initialisation: EVA, CorDA, LoRA-GA, PiSSA; loading the model not included)."""
     model, tokenizer = models.load(run.model, task.kind, task.label_names)
     calibrate = functools.partial(data.calibration_batches, train_rows, task.kind, tokenizer,
                                   batch_size=run.train.batch_size, count=run.train.calibration_batches,
                                   max_length=run.data.max_length, seed=run.seed)
-    if hooks.adapt is not None:
-        return hooks.adapt(model, run, calibrate), tokenizer
+    started = time.time()
     head = models.head_name(model) if task.kind == "classification" else None
-    if run.method["name"] in adaptation.BASELINES:
-        return adaptation.baseline(run.method["name"], model, head), tokenizer
-    return adaptation.of_method(model, run.method, head, calibrate, adapter_state), tokenizer
+    if hooks.adapt is not None:
+        adapted = hooks.adapt(model, run, calibrate)
+    elif run.method["name"] in adaptation.BASELINES:
+        adapted = adaptation.baseline(run.method["name"], model, head)
+    else:
+        adapted = adaptation.of_method(model, run.method, head, calibrate, adapter_state)
+    return adapted, tokenizer, time.time() - started
 
 
 # ---- 4. the end of a run -----------------------------------------------------------------------
@@ -229,10 +239,28 @@ def _summary(run: RunConfig, run_dir: pathlib.Path, metrics: dict, model: torch.
         "metrics": metrics, "trainable_parameters": trainable, "total_parameters": total,
         "trainable_share": trainable / total, "steps": steps,
         "train_time_s": training_time, "train_cpu_time_s": timing["train_cpu_time_s"],
+        "init_time_s": timing["init_time_s"],
+        "validation_curve": validation_curve(run_dir, timing["training_started"]),
         "steps_per_second": steps_done / training_time if training_time else None,
         "wall_time_s": time.time() - started, "peak_rss_mb": _peak_rss_mb(), "processes": processes,
         "resumed_from": str(resumed_from) if resumed_from else None, "versions": run_versions(),
     }
+
+
+def validation_curve(run_dir: pathlib.Path, training_started: float) -> list[dict[str, Any]]:
+    """[{step, wall_s, <metric>: value}] of each validation during training (train.eval_every), read
+    from metrics.jsonl, where the Trainer logs them as eval_<metric>; wall_s counts from the start of
+    this process's training (None for an evaluation an earlier, resumed attempt logged)."""
+    path = run_dir / rundir.METRICS_FILE
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    curve = []
+    for logged in (json.loads(line) for line in lines if line.strip()):
+        values = {key[len("eval_"):]: value for key, value in logged.items() if key.startswith("eval_")
+                  and not key.endswith(("_runtime", "_per_second"))}
+        if values:
+            wall = logged["time"] - training_started
+            curve.append({"step": logged["step"], "wall_s": wall if wall >= 0 else None, **values})
+    return curve
 
 
 def _report(summary: dict[str, Any], kind: str, echo) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -16,6 +17,12 @@ from run_helpers import tiny_overrides
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("PEFTLAB_DEBUG", None)
+
+
+def ctrl_c_reaches_child() -> None:
+    """Popen's preexec_fn: the child takes Ctrl-C as a terminal would give it. A test suite started in
+    the background of a non-interactive shell runs with SIGINT ignored, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str, timeout: float = 300, preexec_fn=None, stdin=None, **env: str) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from fault_helpers import ENV, assert_clean_failure, run_cli, snapshot, train_args, trained_run
+from fault_helpers import ENV, assert_clean_failure, ctrl_c_reaches_child, run_cli, snapshot, train_args, trained_run
 from peftlab import PeftlabError
 from peftlab.recipe import checkpoint, config as runconfig
 from run_helpers import metrics, tiny_checkpoint
@@ -165,7 +165,7 @@ def test_a_run_resumed_mid_window_logs_exactly_the_losses_of_the_uninterrupted_r
     run_dir = tmp_path / "run"
     args = train_args(model_dir, run_dir, **WINDOWED)
     stopped = subprocess.run([sys.executable, "-c", CTRL_C_IN_STEP_4, *args], capture_output=True, text=True,
-                             env=ENV, timeout=300)
+                             env=ENV, timeout=300, preexec_fn=ctrl_c_reaches_child)
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr
     assert [p.name for p in checkpoint.sorted_checkpoints(run_dir / "checkpoints")] == ["checkpoint-3"]
     assert [m["step"] for m in training_lines(run_dir)] == [1]  # step 4's line was never written

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from fault_helpers import ENV, assert_clean_failure, run_cli, snapshot, train_args, trained_run
+from fault_helpers import ENV, assert_clean_failure, ctrl_c_reaches_child, run_cli, snapshot, train_args, trained_run
 from run_helpers import tiny_checkpoint
 
 INTERRUPTED = 130  # the shell's status for Ctrl-C, which the CLI returns too
@@ -58,7 +58,7 @@ def broken_model(model_dir: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
 def interrupt_when(args: list[str], ready) -> subprocess.CompletedProcess:
     """Run `peftlab ARGS`, send SIGINT (Ctrl-C) once `ready()` holds, and wait for it to end."""
     process = subprocess.Popen([sys.executable, "-m", "peftlab", *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=ENV)
+                               stderr=subprocess.PIPE, text=True, env=ENV, preexec_fn=ctrl_c_reaches_child)
     deadline = time.monotonic() + 120
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,18 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture(autouse=True)
-def _ctrl_c_stays_ctrl_c():
-    """Put back the test process's SIGINT handler after each test: a test that leaves it ignored (the
-    Ray tests drive libraries that install their own) would make every child process started later
-    in the same worker ignore Ctrl-C, and the interruption tests would train to the end."""
-    handler = signal.getsignal(signal.SIGINT)
-    yield
-    if signal.getsignal(signal.SIGINT) is not handler:
-        signal.signal(signal.SIGINT, handler)
-
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -4,8 +4,10 @@ Three runs of the training recipe, each in its own spawned process so one's peak
 another's: the base in fp32, in int8 and in NF4 (peftlab.quantize, bitsandbytes), LoRA r = 8 on
 every linear layer but the (tied) head, the same seed, data and `--steps` optimizer steps.
 
-  peak_rss_mb           getrusage's maximum RSS of the whole run: loading included, and the model
-                        loads in fp32 before its layers are quantized
+  peak_rss_mb           getrusage's maximum RSS of the whole run, loading included. A quantized base
+                        loads layer by layer (recipe/models.py): never in fp32, at most one fp32
+                        weight of a quantized layer at a time. The fp32 base is memory-mapped by
+                        transformers, its pages resident once read (the first forward)
   training_peak_rss_mb  the maximum RSS from the end of loading (VmHWM reset through
                         /proc/self/clear_refs, after a malloc_trim) to the end of the run: what
                         training on the base holds

@@ -198,11 +198,23 @@ def test_print_config_shows_defaults_and_overrides(capsys):
                          "optimizer.name=sgd", "--set", "train.batch_size=16", "--output", "somewhere")
     config = yaml.safe_load(out)
     assert code == 0 and config["output"] == "somewhere" and config["train"]["batch_size"] == 16
-    # a new method keeps the fields it shares with the old one; SGD keeps lr and weight_decay
-    assert config["method"] == {"name": "dora", "r": 8, "alpha": 16, "targets": ["query", "value"]}
+    # a new method keeps the chosen fields it shares with the old one (targets), not the old one's
+    # defaults (LoRA's r 8, alpha 16); SGD keeps lr and weight_decay, which differ from AdamW's defaults
+    assert config["method"] == {"name": "dora", "targets": ["query", "value"]}
     assert config["optimizer"] == {"name": "sgd", "lr": 0.002, "weight_decay": 0.0}
     assert config["model"] == "minilm-l6" and config["task"] == "movie-sentiment"
     assert config["data"]["split"] == [0.8, 0.1, 0.1] and config["train"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("overrides, method", [
+    (["method={name: vera}"], {"name": "vera", "targets": ["query", "value"]}),  # VeRA's own r (256)
+    (["method.r=16", "method.name=vera"], {"name": "vera", "r": 16, "targets": ["query", "value"]}),
+    (["method.name=vera", "method.name=lora"], {"name": "lora", "targets": ["query", "value"]}),
+])
+def test_a_new_method_name_drops_the_old_methods_defaults_and_keeps_chosen_values(overrides, method):
+    from peftlab.recipe import config
+
+    assert config.build(overrides=overrides).method == method
 
 
 # ---- bad input ---------------------------------------------------------------------------------

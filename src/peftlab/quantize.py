@@ -40,6 +40,13 @@ works on such a base (`MethodConfig.quantized_base`); attach refuses, before any
 method declared "no", an initialisation that would rewrite the quantized weight (PiSSA's
 residual), and training a quantized weight in place.
 
+Loading without the full-precision model: `load_quantized(skeleton, tensors, scheme, loftq=...)` fills a
+model built on the meta device from a lazy source of tensors (a safetensors file read one tensor at a
+time) and quantizes each linear layer as its weight is read (LoftQ fitted there too), so the peak holds
+the packed layers, the layers kept in full precision and one full-precision weight; the result equals
+quantize() on the loaded model bit for bit. The training recipe loads a quantized base this way
+(peftlab.recipe.models).
+
 For a plain checkpoint of the adapted model, `dequantize_model(model)` replaces the quantized
 layers by nn.Linear with their dequantized weights (adapters stay attached, unmerged), and
 `peftlab.detach(model, keep_merged=True)` then merges in full precision: exactly Q(W) + change,
@@ -61,7 +68,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -277,7 +284,7 @@ def restore_packed(module: nn.Module, packed: Any) -> None:
 
 def quantize_dequantize(weight: Tensor, scheme: str) -> Tensor:
     """q(W) as an (out, in) fp32 matrix: what a layer quantized from `weight` computes with."""
-    _check_scheme(scheme)
+    check_scheme(scheme)
     shell = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     return dequantized_weight(quantized_linear(shell, scheme, weight.float()))
 
@@ -328,7 +335,8 @@ class QuantizeSummary:
                 f"weights {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
 
 
-def _check_scheme(scheme: Any) -> None:
+def check_scheme(scheme: Any) -> None:
+    """A known scheme, else the error naming the known ones."""
     if scheme not in SCHEMES:
         raise PeftlabError(f"unknown quantization {scheme!r}: use one of {', '.join(map(repr, SCHEMES))}")
 
@@ -359,7 +367,22 @@ def quantize(model: nn.Module, scheme: str, exclude: Any = None, *, loftq: Metho
     loftq: a LoRA config with init="loftq": its targets are quantized to Q_T and the LoRA is attached
     under `adapter_name` with A, B from LoftQ (see the module docstring).
     """
-    _check_scheme(scheme)
+    chosen, kept, plan = _checked_plan(model, scheme, exclude, loftq)
+    modules = dict(model.named_modules())
+    summary = QuantizeSummary(scheme, chosen, kept, 0, 0)
+    state_dict = {}
+    for name in chosen:
+        _quantize_layer(model, name, modules[name].weight, summary, plan.get(name), state_dict, adapter_name)
+    if loftq is not None:
+        core.attach(model, loftq, adapter_name, state_dict=state_dict)
+    return summary
+
+
+def _checked_plan(model: nn.Module, scheme: str, exclude: Any, loftq: MethodConfig | None
+                  ) -> tuple[list[str], list[str], dict[str, tuple]]:
+    """(layers to quantize, linear layers kept, LoftQ site -> (r, scale, iters)): every check of quantize()
+    and load_quantized(), before either changes anything."""
+    check_scheme(scheme)
     if model.__dict__.get("_peftlab") is not None:
         raise PeftlabError("quantize before attaching: this model has peftlab adapters (detach them, quantize, "
                            "then attach)")
@@ -372,24 +395,100 @@ def quantize(model: nn.Module, scheme: str, exclude: Any = None, *, loftq: Metho
                            "layers, or narrow exclude")
     plan = _loftq_plan(model, loftq, chosen, scheme) if loftq is not None else {}
     _bitsandbytes()
-    modules = dict(model.named_modules())
+    return chosen, kept, plan
+
+
+def _quantize_layer(model: nn.Module, name: str, weight: Tensor, summary: QuantizeSummary, loftq: tuple | None,
+                    state_dict: dict[str, Tensor], adapter_name: str) -> None:
+    """Replace the nn.Linear `name` by its quantized layer holding `weight` (out, in), or with LoftQ
+    ((r, scale, iters)) W - s B A, A and B going to `state_dict` for the adapter."""
+    linear = model.get_submodule(name)
+    dtype = linear.weight.dtype
+    if loftq is not None:
+        target, A, B, summary.loftq[name] = _loftq_layer(weight, summary.scheme, *loftq)
+        state_dict[f"{name}.{core.ADAPTERS}.{adapter_name}.A"] = A.to(dtype)
+        state_dict[f"{name}.{core.ADAPTERS}.{adapter_name}.B"] = B.to(dtype)
+        weight = target
+    layer = quantized_linear(linear, summary.scheme, weight)
+    summary.bytes_before += linear.weight.numel() * linear.weight.element_size()
+    summary.bytes_after += _packed_bytes(layer)
+    _replace(model, name, layer)
+
+
+# ---- a quantized model loaded layer by layer ---------------------------------------------------
+
+
+def load_quantized(model: nn.Module, tensors: Mapping[str, Tensor], scheme: str, exclude: Any = None, *,
+                   loftq: MethodConfig | None = None, adapter_name: str = "default") -> QuantizeSummary:
+    """Fill `model`, a skeleton whose weights are on the meta device (built under torch.device("meta") or
+    accelerate.init_empty_weights), from `tensors` (state-dict key -> tensor, read when asked: e.g. one
+    tensor at a time from a safetensors file), quantizing what quantize() would quantize straight from
+    each weight as it is read. The full-precision weights of the quantized layers are never all in
+    memory: one at a time. The result is the model that filling it and calling quantize() gives, bit
+    for bit (the quantizers are deterministic); LoftQ too, fitted to each weight as it arrives.
+
+    Tied weights stay tied (one tensor, read under any of its keys). Every parameter (and persistent
+    buffer) left on the meta device must be in `tensors`: a new head's weights are initialised by the
+    caller first. Every check, keys included, comes before the first tensor is read; a tensor of the
+    wrong shape stops the load midway, leaving the skeleton unusable.
+    """
+    chosen, kept, plan = _checked_plan(model, scheme, exclude, loftq)
+    empty = _unfilled(model, tensors)
+    unread = [keys[0] for keys, _ in empty.values() if not any(k in tensors for k in keys)]
+    if unread:
+        raise PeftlabError(f"load_quantized has no value for {len(unread)} of the model's meta tensors, e.g. "
+                           f"{unread[0]}: give every weight in `tensors`, or initialise the new ones first")
+    quantized = {f"{name}.weight" for name in chosen}
+    for keys, places in empty.values():
+        if quantized.isdisjoint(keys):  # embeddings, norms, biases, heads: as they are
+            key = next(k for k in keys if k in tensors)
+            _put(places, _read(tensors, key, places[0][2]))
     summary = QuantizeSummary(scheme, chosen, kept, 0, 0)
     state_dict = {}
-    for name in chosen:
-        linear = modules[name]
-        weight = linear.weight
-        if name in plan:  # LoftQ: quantize W - s B A, keep A, B for the adapter
-            weight, A, B, errors = _loftq_layer(linear.weight, scheme, *plan[name])
-            state_dict[f"{name}.{core.ADAPTERS}.{adapter_name}.A"] = A.to(linear.weight.dtype)
-            state_dict[f"{name}.{core.ADAPTERS}.{adapter_name}.B"] = B.to(linear.weight.dtype)
-            summary.loftq[name] = errors
-        layer = quantized_linear(linear, scheme, weight)
-        summary.bytes_before += linear.weight.numel() * linear.weight.element_size()
-        summary.bytes_after += _packed_bytes(layer)
-        _replace(model, name, layer)
+    for name in chosen:  # one full-precision weight in memory at a time
+        key = f"{name}.weight"
+        weight = _read(tensors, key, model.get_submodule(name).weight)
+        _quantize_layer(model, name, weight, summary, plan.get(name), state_dict, adapter_name)
+        del weight
     if loftq is not None:
         core.attach(model, loftq, adapter_name, state_dict=state_dict)
     return summary
+
+
+def _unfilled(model: nn.Module, tensors: Mapping[str, Tensor]
+              ) -> dict[int, tuple[list[str], list[tuple[nn.Module, str, Tensor]]]]:
+    """What load_quantized fills, one entry per tensor: (its state-dict keys, its places as (module,
+    attribute, tensor)). The parameters and persistent buffers on the meta device, and the persistent
+    buffers `tensors` has a value for (built on the CPU, e.g. by init_empty_weights). A tied weight has
+    two keys and two places."""
+    found: dict[int, tuple[list[str], list[tuple[nn.Module, str, Tensor]]]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        persistent = [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        for attribute, tensor in [*module._parameters.items(), *persistent]:
+            key = f"{prefix}.{attribute}" if prefix else attribute
+            if tensor is not None and (tensor.is_meta or (attribute in module._buffers and key in tensors)):
+                keys, places = found.setdefault(id(tensor), ([], []))
+                keys.append(key)
+                places.append((module, attribute, tensor))
+    return found
+
+
+def _read(tensors: Mapping[str, Tensor], key: str, like: Tensor) -> Tensor:
+    """tensors[key] in `like`'s dtype, checked against its shape."""
+    value = tensors[key]
+    if tuple(value.shape) != tuple(like.shape):
+        raise PeftlabError(f"tensor {key} has shape {tuple(value.shape)}, the model needs {tuple(like.shape)}: "
+                           "the checkpoint belongs to another model or config")
+    return value.to(like.dtype)
+
+
+def _put(places: list[tuple[nn.Module, str, Tensor]], value: Tensor) -> None:
+    """`value` in every place of one meta tensor: a parameter stays a parameter (one object for tied weights)."""
+    old = places[0][2]
+    if isinstance(old, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=old.requires_grad)
+    for module, attribute, _ in places:
+        (module._parameters if isinstance(old, nn.Parameter) else module._buffers)[attribute] = value
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -442,7 +541,7 @@ def loftq_factors(weight: Tensor, scheme: str, r: int, scale: float, iters: int 
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """(the matrix to quantize, A (r, in), B (out, r)) for LoftQ with T = iters: the layer quantized from
     the first holds Q_T, and Q_T + scale * B @ A is close to `weight` (out, in). All fp32."""
-    _check_scheme(scheme)
+    check_scheme(scheme)
     W = weight.detach().float()
     low_rank = torch.zeros_like(W)  # s B_{t-1} A_{t-1}
     for _ in range(iters):

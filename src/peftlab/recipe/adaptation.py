@@ -75,15 +75,29 @@ def of_method(model: nn.Module, method: dict[str, Any], head: str | None, calibr
     adapters with saved values instead, so those initialisations do not run again.
     """
     from .. import core
-    from ..registry import config as method_config
+
+    config = method_config(method, head)
+    if is_loftq(method):  # attached by the loader (models.load), fitted to each weight as it was quantized
+        return of_peftlab(model, config)
+    calibration = calibrate() if config.needs_calibration and adapter_state is None else None
+    core.attach(model, config, ADAPTER_NAME, calibration=calibration, state_dict=adapter_state)
+    return of_peftlab(model, config)
+
+
+def method_config(method: dict[str, Any], head: str | None):
+    """The run's method section as a config; `head` (a classifier's new head) joins its also_train."""
+    from ..registry import config
 
     fields = {k: v for k, v in method.items() if k != "name"}
     if head is not None:
         fields["also_train"] = list(dict.fromkeys([*fields.get("also_train", []), head]))
-    config = method_config(method["name"], **fields)
-    calibration = calibrate() if config.needs_calibration and adapter_state is None else None
-    core.attach(model, config, ADAPTER_NAME, calibration=calibration, state_dict=adapter_state)
-    return of_peftlab(model, config)
+    return config(method["name"], **fields)
+
+
+def is_loftq(method: dict[str, Any]) -> bool:
+    """LoRA's `init: loftq`: A, B fitted while the base is quantized, so the model loader attaches it
+    (on resume too: the same quantized base; the Trainer then loads the saved A, B)."""
+    return method.get("init") == "loftq"
 
 
 def baseline(name: str, model: nn.Module, head: str | None) -> Adaptation:

@@ -255,7 +255,8 @@ def read_yaml(path: str | pathlib.Path) -> dict[str, Any]:
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """`update` over `base`, section by section. A new method/optimizer/loss name starts that
-    section afresh (the default LoRA's `r` means nothing to another method)."""
+    section from its own defaults, keeping only the fields it shares with the old name whose
+    values were chosen (the default LoRA's `r` 8 is not VeRA's `r`; a chosen `r: 16` carries)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         if key == "model" and isinstance(value, dict) and isinstance(out.get(key), str):
@@ -272,22 +273,37 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def _accepted(section: str, name: str, old: dict[str, Any]) -> dict[str, Any]:
-    """The fields of `old` that the newly named method/optimizer/loss also takes."""
+    """The fields of `old` that the newly named method/optimizer/loss also takes, less those
+    that only hold the old name's own default."""
     from .adaptation import BASELINES
 
     if section == "method" and name in BASELINES:  # head-only, full: no fields to keep
         return {"name": name}
     try:
-        if section == "method":
-            from .. import registry
-
-            names = {f.name for f in dataclasses.fields(registry.method_class(name))}
-        else:
-            target = optimizer_class(name) if section == "optimizer" else loss_function(name)
-            names = set(inspect.signature(target).parameters)
+        names = set(_field_defaults(section, name))
     except (PeftlabError, TypeError, ValueError):  # an unknown name: validation will say so
         return {**old, "name": name}
-    return {"name": name, **{k: v for k, v in old.items() if k in names}}
+    try:
+        old_defaults = _field_defaults(section, old.get("name"))
+    except (PeftlabError, TypeError, ValueError):
+        old_defaults = {}
+    unset = object()
+    return {"name": name, **{k: v for k, v in old.items()
+                             if k in names and k != "name" and old_defaults.get(k, unset) != v}}
+
+
+def _field_defaults(section: str, name: Any) -> dict[str, Any]:
+    """{field: default} of a method config, an optimizer or a loss (fields without one: a marker)."""
+    from .adaptation import BASELINES
+
+    if section == "method":
+        if name in BASELINES:
+            return {}
+        from .. import registry
+
+        return {f.name: f.default for f in dataclasses.fields(registry.method_class(name))}
+    target = optimizer_class(name) if section == "optimizer" else loss_function(name)
+    return {k: p.default for k, p in inspect.signature(target).parameters.items()}
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -497,6 +513,10 @@ def _check_method(run: RunConfig) -> None:
         raise PeftlabError(f"config key method: {err}") from None
     except TypeError as err:  # a field of the wrong type that the method's own checks did not catch
         raise PeftlabError(f"config key method: {err}; see the method's fields with `peftlab methods`") from None
+    quantized = isinstance(run.model, ModelName) and run.model.quantize is not None
+    if run.method.get("init") == "loftq" and not quantized:  # LoftQ fits A, B to what quantizing the base loses
+        raise PeftlabError("config key method.init = 'loftq' needs a quantized base: set model: {name: "
+                           f"{run.model}, quantize: nf4}} (or int8), or choose another init (e.g. gaussian)")
 
 
 def run_field_values(run: RunConfig, train_examples: int | None) -> dict[str, Any]:

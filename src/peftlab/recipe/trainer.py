@@ -197,7 +197,10 @@ def make_trainable(run: RunConfig, task: data.TaskData, train_rows: list[dict], 
     """(adaptation, tokenizer, init seconds): the configured method, a baseline, or the caller's own
     adaptation, and the wall seconds building it took (attach with its calibration batches and any
     data-driven initialisation: EVA, CorDA, LoRA-GA, PiSSA; loading the model not included)."""
-    model, tokenizer = models.load(run.model, task.kind, task.label_names)
+    loftq = None
+    if adaptation.is_loftq(run.method) and hooks.adapt is None:  # the loader attaches it (_loftq_config)
+        loftq = functools.partial(_loftq_config, run.method, task.kind)
+    model, tokenizer = models.load(run.model, task.kind, task.label_names, loftq=loftq)
     calibrate = functools.partial(data.calibration_batches, train_rows, task.kind, tokenizer,
                                   batch_size=run.train.batch_size, count=run.train.calibration_batches,
                                   max_length=run.data.max_length, seed=run.seed)
@@ -210,6 +213,12 @@ def make_trainable(run: RunConfig, task: data.TaskData, train_rows: list[dict], 
     else:
         adapted = adaptation.of_method(model, run.method, head, calibrate, adapter_state)
     return adapted, tokenizer, time.time() - started
+
+
+def _loftq_config(method: dict[str, Any], kind: str, skeleton: torch.nn.Module):
+    """LoRA `init: loftq` for models.load, which fits and attaches it as it quantizes each layer (LoftQ
+    needs each full-precision weight, read once): the run's config, with a classifier's head trained."""
+    return adaptation.method_config(method, models.head_name(skeleton) if kind == "classification" else None)
 
 
 # ---- 4. the end of a run -----------------------------------------------------------------------

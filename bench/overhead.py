@@ -16,6 +16,11 @@ records the same ratios between compiled workloads ("compiled_ratios") beside th
 each workload's compiled / eager time ("compiled_vs_eager") and the graph breaks each compiled
 workload met ("compiled_graph_breaks": peftlab's none; peft's DoRA about 40).
 
+--fused-vs-unfused times only peftlab's LoRA and DoRA with the stacked path (one GEMM through
+[W0; A] per nn.Linear site, peftlab.core) against the same adapters attached with it off
+(PEFTLAB_FUSED=0's two passes over x), steps and inference, and records fused / unfused ratios
+(default --out: results/overhead_fused.json).
+
 Usage: python bench/overhead.py [--rounds 5] [--steps 3] [--threads 2] [--compile [--backend inductor]]
 Smoke (seconds, proves the code path, not a measurement): --rounds 1 --steps 1 --batch 2 --seq 8
 --out /tmp/overhead-smoke.json
@@ -52,9 +57,17 @@ def linear_names(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
 
 
-def peftlab_model(method: str):
+def peftlab_model(method: str, fused: bool = True):
+    """MiniLM with `method` on every linear layer; fused=False attaches without the stacked path."""
+    from peftlab import core
+
     model = load_minilm()
-    return peftlab.attach(model, peftlab.config(method, r=RANK, alpha=16, targets=linear_names(model)))
+    config = peftlab.config(method, r=RANK, alpha=16, targets=linear_names(model))
+    default, core.FUSED = core.FUSED, fused  # read at attach (stacking) and per forward (a relation check)
+    try:
+        return peftlab.attach(model, config)
+    finally:
+        core.FUSED = default
 
 
 def peft_model(dora: bool = False, ia3: bool = False):
@@ -135,6 +148,9 @@ STEP_MODELS = {  # workload -> the model it trains
     "peft_ia3": lambda: peft_model(ia3=True),
 }
 INFER_MODELS = {"base": full_model, "peftlab_lora": lambda: peftlab_model("lora"), "peft_lora": peft_model}
+FUSED_STEP_MODELS = {f"peftlab_{m}_{kind}": (lambda m=m, fused=kind == "fused": peftlab_model(m, fused))
+                     for m in ("lora", "dora") for kind in ("fused", "unfused")}
+FUSED_INFER_MODELS = {k: v for k, v in FUSED_STEP_MODELS.items() if "lora" in k}
 GOALS = {"lora_step_vs_peft_lora": 0.93, "lora_infer_vs_base": 1.10, "dora_step_vs_lora": 1.10}
 
 
@@ -178,6 +194,16 @@ def compiled_figures(step_s: dict[str, float], infer_s: dict[str, float]) -> dic
     return {"compiled_ratios": ratio_table(step, infer), "compiled_vs_eager": speed}
 
 
+def fused_vs_unfused(shape: tuple[int, int], rounds: int, steps: int) -> dict:
+    """Seconds and fused / unfused ratios of peftlab's LoRA and DoRA, steps and LoRA inference."""
+    step_s = measure(workloads(make_stepper, FUSED_STEP_MODELS, shape, None)[0], rounds, steps)
+    infer_s = measure(workloads(make_inferer, FUSED_INFER_MODELS, shape, None)[0], rounds, steps)
+    ratios = {f"{m}_step_fused_vs_unfused": step_s[f"peftlab_{m}_fused"] / step_s[f"peftlab_{m}_unfused"]
+              for m in ("lora", "dora")}
+    ratios["lora_infer_fused_vs_unfused"] = infer_s["peftlab_lora_fused"] / infer_s["peftlab_lora_unfused"]
+    return {"seconds_per_step": step_s, "seconds_per_inference": infer_s, "ratios": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -187,11 +213,23 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=SEQ)
     parser.add_argument("--compile", action="store_true", help="also time every workload through torch.compile")
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend with --compile")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    parser.add_argument("--fused-vs-unfused", action="store_true",
+                        help="only peftlab's LoRA and DoRA with the stacked path on and off")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: results/overhead.json (results/overhead_fused.json with --fused-vs-unfused)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape, backend = (args.batch, args.seq), args.backend if args.compile else None
+    results = Path(__file__).parent / "results"
+    if args.fused_vs_unfused:
+        result = {"setup": {"model": "all-MiniLM-L6-v2", "batch": args.batch, "seq": args.seq, "rank": RANK,
+                            "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps},
+                  **fused_vs_unfused(shape, args.rounds, args.steps)}
+        files.write_json(args.out or results / "overhead_fused.json", result)
+        print(json.dumps(result["ratios"], indent=2))
+        return
+    args.out = args.out or results / "overhead.json"
     if backend is not None:
         # peft's DoRA breaks its graph ~40 times a step; each break starts a frame compiled once per model:
         # torch's 8 compiled versions per code object would send later workloads back to eager.

@@ -18,11 +18,26 @@ snapshotted at attach and put back on detach, like `also_train` modules.
 An `Adapter` is one method's change at one site: a fast path `forward(host, x, base)` and,
 when the method has one, a weight form W' = f(W) used by merge. The contract tests prove
 fast path == merged path for every method.
+
+The stacked path: on an nn.Linear host (HostKind.stackable) whose first adapter offers rows to
+stack (`stack_rows()`: LoRA's A, (r, in)), attach keeps the frozen W (out, in) and those rows in
+one (out + r, in) buffer; the host's `weight` and the adapter's parameter become views into it
+(`.data`), so state-dict keys and values, parameter objects and the optimizer's in-place updates
+are unchanged. When that adapter runs alone (no other active adapter at the site, no mixed batch,
+not disabled, no residual to give back, not under torch.compile or autocast) and the buffer is
+still whole (`stacked_matrix`: W and the rows still adjacent in one storage, W frozen), the slot
+calls `forward_stacked(host, x, [W; A])`: one autograd node whose backward computes dx through
+[W; A] in one GEMM (LoRA: lora.StackedLoRA).
+Anything that breaks the relation (model.to(dtype or device), load_state_dict(assign=True),
+`param.data = ...`) falls back to the chain, decided per call by that cheap check. Detach gives
+the host weight its own storage back. PEFTLAB_FUSED=0 in the environment (or `core.FUSED =
+False`) turns the path off: attach stacks nothing and the forward takes the chain.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +53,7 @@ from .registry import MethodConfig, Site
 from .targets import matches, overrides_for, select
 
 ADAPTERS = "adapters"  # the child module name under each host
+FUSED = os.environ.get("PEFTLAB_FUSED", "1") != "0"  # the stacked path (see the module docstring)
 
 
 class Adapter(nn.Module):
@@ -80,6 +96,38 @@ class Adapter(nn.Module):
 
     def lora_factors(self) -> tuple[Tensor, Tensor] | None:
         return None
+
+    def stack_rows(self) -> nn.Parameter | None:
+        """A trained (k, in) parameter that attach may keep below the host weight in one (out + k, in)
+        buffer (the stacked path); None (the default): nothing to stack."""
+        return None
+
+    def forward_stacked(self, host: nn.Module, x: Tensor, stacked: Tensor) -> Tensor | None:
+        """The forward when this adapter runs alone on a host whose weight and stack_rows() are the one
+        matrix `stacked` = [W; rows] (out + k, in), with the host's own forward as the base. None: not
+        now (e.g. dropout in training), the slot takes the chain."""
+        return None
+
+
+def stacked_matrix(weight: Tensor, rows: Tensor) -> Tensor | None:
+    """[weight; rows] as one (out + k, in) tensor when `rows` (k, in) still sit right below the frozen
+    `weight` (out, in) in one storage, else None. A cheap check: pointers, offsets and flags, no data."""
+    if weight.requires_grad or weight.dim() != 2 or rows.dim() != 2 or rows.shape[1] != weight.shape[1]:
+        return None
+    if weight.dtype != rows.dtype or weight.device != rows.device:
+        return None
+    if not (weight.is_contiguous() and rows.is_contiguous()):
+        return None
+    if rows.storage_offset() != weight.storage_offset() + weight.numel():
+        return None
+    if rows.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+        return None
+    return weight.detach().as_strided((weight.shape[0] + rows.shape[0], weight.shape[1]), (weight.shape[1], 1))
+
+
+def _owns_storage(tensor: Tensor) -> bool:
+    """The tensor is its storage, whole: no view into a larger buffer."""
+    return tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
 @dataclass
@@ -164,6 +212,7 @@ class AdapterSlot(nn.ModuleDict):
         self.kind = kind
         self.merged: list[str] = []
         self.history: list[Snapshot] = []
+        self.stacked: str | None = None  # the adapter whose rows share the host weight's buffer
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -174,13 +223,18 @@ class AdapterSlot(nn.ModuleDict):
         if state.disabled:
             if self.merged:
                 raise PeftlabError("adapters are merged into the weights: unmerge before using disabled()")
-            return self._run(x, [], *args, **kwargs)
-        return self._run(x, [n for n in state.active if n in self and n not in self.merged], *args, **kwargs)
+            return self._run(x, [], args, kwargs)
+        return self._run(x, [n for n in state.active if n in self and n not in self.merged], args, kwargs,
+                         stack=True)
 
-    def _run(self, x: Tensor, names: list[str], *args: Any, **kwargs: Any) -> Tensor:
+    def _run(self, x: Tensor, names: list[str], args: tuple, kwargs: dict, stack: bool = False) -> Tensor:
         host = self.host
         # Residual adapters that are off must give back the part of W0 they hold.
         returned = [self[n] for n in self if self[n].has_residual and n not in names and n not in self.merged]
+        if stack and len(names) == 1 and not returned and not args and not kwargs:
+            y = self._stacked_forward(self[names[0]], x)
+            if y is not None:
+                return y
         if returned:
             weight = self.kind.matrix(host) + sum(a.residual() for a in returned)
             base: Callable[[Tensor], Tensor] = lambda inp: self.kind.forward_with(host, inp, weight)
@@ -198,11 +252,38 @@ class AdapterSlot(nn.ModuleDict):
         out = None
         for name in dict.fromkeys(routing):
             rows = torch.tensor([i for i, n in enumerate(routing) if n == name], device=x.device)
-            part = self._run(x.index_select(0, rows), [name] if name in self else [], *args, **kwargs)
+            part = self._run(x.index_select(0, rows), [name] if name in self else [], args, kwargs)
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out[rows] = part
         return out
+
+    def _stacked_forward(self, adapter: Adapter, x: Tensor) -> Tensor | None:
+        """The stacked path, when it applies now (see the module docstring); None: take the chain."""
+        if not FUSED or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+            return None  # compiled graphs plan their own fusion; autocast casts per op
+        rows = adapter.stack_rows()
+        stacked = None if rows is None else stacked_matrix(self.kind.matrix(self.host), rows)
+        if stacked is None or x.dtype != stacked.dtype:
+            return None
+        return adapter.forward_stacked(self.host, x, stacked)
+
+    def stack(self, name: str) -> None:
+        """Keep the host weight W (out, in) and adapter `name`'s stack_rows() (k, in) in one buffer, both
+        parameters becoming views into it (same objects, same values)."""
+        weight, rows = self.kind.matrix(self.host), self[name].stack_rows()
+        if rows.dtype != weight.dtype or rows.device != weight.device or rows.shape[1:] != weight.shape[1:]:
+            return  # nothing to share: the chain serves this site
+        buffer = torch.cat([weight.detach(), rows.detach()])  # (out + k, in)
+        weight.data, rows.data = buffer[: weight.shape[0]], buffer[weight.shape[0]:]
+        self.stacked = name
+
+    def unstack(self) -> None:
+        """Give the host weight and the stacked rows contiguous storages of their own again (same values)."""
+        for tensor in (self.kind.matrix(self.host), self[self.stacked].stack_rows()):
+            if tensor is not None and not _owns_storage(tensor):
+                tensor.data = tensor.detach().clone(memory_format=torch.contiguous_format)
+        self.stacked = None
 
 
 class ModelSlot(nn.ModuleDict):
@@ -450,6 +531,8 @@ def _install(model: nn.Module, config: MethodConfig, name: str, sites: list[Site
             slot.history.append(Snapshot("residual", name, weight.detach().clone()))
             s.kind.write(s.host, weight - adapter.residual().to(weight.dtype))
         slot[name] = adapter
+        if FUSED and s.kind.stackable and len(slot) == 1 and adapter.stack_rows() is not None:
+            slot.stack(name)
     state.in_place[name] = {k: p.detach().clone() for k, p in in_place.items()}
     for p in in_place.values():
         p.requires_grad_(True)
@@ -536,6 +619,8 @@ def detach(model: nn.Module, name: str | Iterable[str] | None = None, keep_merge
             adapter = slot[n]
             if adapter.has_residual:
                 _restore(slot, "residual", n)
+            if slot.stacked == n:
+                slot.unstack()
             del slot[n]
             if not len(slot):
                 host = slot.host

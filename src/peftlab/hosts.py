@@ -60,6 +60,10 @@ class HostKind:
     # of matrix(host), restored with write() (exact for full-precision layers).
     snapshot: Callable[[nn.Module], Any] | None = None
     restore: Callable[[nn.Module, Any], None] | None = None
+    # matrix(host) is the host's own (out, in) weight parameter and its forward is x @ W.T + b, so
+    # attach may keep W and an adapter's (k, in) rows in one (out + k, in) buffer and the two share one
+    # GEMM (peftlab.core: the stacked path). nn.Linear only.
+    stackable: bool = False
 
     def save_weight(self, host: nn.Module) -> Any:
         """What restore_weight needs to put the host's weight back bit for bit."""
@@ -96,6 +100,7 @@ LINEAR = HostKind(
     apply_out=_linear_out,
     forward_with=lambda m, x, M: F.linear(x, M, m.bias),
     add_out=_linear_add_out,
+    stackable=True,
 )
 
 

@@ -32,6 +32,8 @@ relative precision only where a row of V nearly cancels (||V|| << ||W0||), which
 from m = ||W0|| does not approach. The sum is taken in fp32 even for half-precision weights.
 
 Hosts: layers whose output channels are the last dimension (nn.Linear, transformers' Conv1D).
+On nn.Linear without dropout in training, W0 x + b + s B A x comes from LoRA's stacked path
+(lora.StackedLoRA: one GEMM through [W0; A]) and is then rescaled as above.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from ..core import PeftLoRA
 from ..errors import PeftlabError
 from ..hosts import LINEAR_LIKE, HostKind
 from ..registry import MethodConfig, Site, register
-from .lora import LoRAAdapter, initialise
+from .lora import LoRAAdapter, StackedLoRA, initialise
 
 INITS = ("kaiming", "gaussian")
 
@@ -136,6 +138,13 @@ class DoRAAdapter(LoRAAdapter):
         h = self.kind.apply_in(host, x, self.A)  # (..., r)
         adapted = self.kind.add_out(host, base(x), h * self.scale, self.B)  # W0 x + b + s B A x  (..., out)
         return ScaleChannels.apply(adapted, g, host.bias)  # g * (W0 x + s B A x) + b
+
+    def forward_stacked(self, host: nn.Module, x: Tensor, stacked: Tensor) -> Tensor | None:
+        if self.uses_dropout and self.training:
+            return None
+        g = self.m / self.weight_norm(self.kind.matrix(host))  # (out,), a constant for autograd
+        adapted = StackedLoRA.apply(x, self.A, self.B, host.bias, stacked, self.scale)  # W0 x + b + s B A x
+        return ScaleChannels.apply(adapted, g, host.bias)
 
     def lora_factors(self) -> None:
         return None  # the rescaling by m / ||W0 + s B A|| is not a low-rank change

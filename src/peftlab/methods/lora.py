@@ -24,6 +24,10 @@ PiSSA's and OLoRA's (which rewrite W0) works there.
 
 On nn.Embedding the input is an index: A acts as a lookup table, dropout does not apply, and,
 as in `peft`, A starts at 0 and B ~ N(0, 1).
+
+On nn.Linear, A is kept below W0 in one (out + r, in) buffer (peftlab.core, the stacked path), and
+while the adapter runs alone without dropout in training the forward is `StackedLoRA`: the chain's
+arithmetic in one autograd node, whose backward computes dx through [W0; A] in one GEMM.
 """
 from __future__ import annotations
 
@@ -41,6 +45,50 @@ from ..linalg import top_r_svd
 from ..registry import MethodConfig, Site, register
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "loftq")
+
+
+class StackedLoRA(torch.autograd.Function):
+    """y = x W0^T + b + s (x A^T) B^T, reading W0 and A as the one stacked matrix S = [W0; A] (out + r, in).
+
+    Forward, as the chain computes it, bit for bit: y = x W0^T + b, h = x A^T (tokens, r), then
+    y += (s h) B^T in place. (One GEMM x S^T gives [y | h] too, but its (tokens, out + r) rows must
+    then be copied into a contiguous (tokens, out) output, an in-place op on a view of them being
+    forbidden after a custom Function: measured on CPU that copy costs what the second read of x
+    saves, and the h columns round differently from x A^T alone.)
+    Backward, with dh = s dy B the gradient w.r.t. h (tokens, r):
+        dx = [dy | dh] S   (one GEMM)      dA = dh^T x      dB = s dy^T h      db = sum_tokens dy
+    W0 is frozen: no gradient for it (the slot takes this path only then). A is an input only so that
+    its gradient reaches it; its values are read through S.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, stacked: Tensor, scale: float) -> Tensor:
+        out = B.shape[0]
+        x_rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        W0, A_rows = stacked[:out], stacked[out:]  # views: (out, in), (r, in)
+        y = torch.mm(x_rows, W0.T) if bias is None else torch.addmm(bias, x_rows, W0.T)  # (tokens, out)
+        h = torch.mm(x_rows, A_rows.T)  # (tokens, r)
+        y.addmm_(h * scale, B.T)
+        ctx.save_for_backward(x, h, B, stacked)
+        ctx.scale = scale
+        return y.view(*x.shape[:-1], out)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, h, B, stacked = ctx.saved_tensors
+        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
+        dy_rows = dy.reshape(-1, B.shape[0])  # (tokens, out)
+        dh = torch.mm(dy_rows, B).mul_(ctx.scale)  # (tokens, r)
+        dx = dA = dB = dbias = None
+        if need_x:
+            dx = torch.mm(torch.cat([dy_rows, dh], dim=1), stacked).view(x.shape)  # [dy | dh] [W0; A]
+        if need_A:
+            dA = torch.mm(dh.T, x.reshape(-1, x.shape[-1]))  # (r, in)
+        if need_B:
+            dB = torch.mm(dy_rows.T, h).mul_(ctx.scale)  # (out, r)
+        if need_bias:
+            dbias = dy_rows.sum(0)
+        return dx, dA, dB, dbias, None, None
 
 
 def zero_factors(r: int, in_features: int, out_features: int, dtype: torch.dtype) -> tuple[nn.Parameter, nn.Parameter]:
@@ -62,6 +110,18 @@ class LoRAAdapter(Adapter):
         h = self.kind.apply_in(host, self.dropout(x), self.A)  # (..., r); (N, r, H, W) for conv
         # Scale the rank-r activations, not the (..., out) ones, and fuse the add into the GEMM.
         return self.kind.add_out(host, base(x), h * self.scale, self.B)
+
+    def stack_rows(self) -> nn.Parameter | None:
+        return self.A if self.kind.stackable else None
+
+    def dropping(self) -> bool:
+        """Dropout changes x for A now (training, p > 0): x for W0 and x for A differ, no stacked path."""
+        return isinstance(self.dropout, nn.Dropout) and self.dropout.training
+
+    def forward_stacked(self, host: nn.Module, x: Tensor, stacked: Tensor) -> Tensor | None:
+        if self.dropping():
+            return None
+        return StackedLoRA.apply(x, self.A, self.B, host.bias, stacked, self.scale)
 
     def delta_weight(self) -> Tensor:
         return self.scale * (self.B @ self.A)  # (out, in)

@@ -21,7 +21,12 @@ workload met ("compiled_graph_breaks": peftlab's none; peft's DoRA about 40).
 (PEFTLAB_FUSED=0's two passes over x), steps and inference, and records fused / unfused ratios
 (default --out: results/overhead_fused.json).
 
+--profile runs only torch.profiler over the full, LoRA, IA3 and DoRA steps and the base and LoRA
+inferences, and writes each one's operators with the most self CPU time (default --out:
+results/overhead_profile.json): where the time of the remainder goes.
+
 Usage: python bench/overhead.py [--rounds 5] [--steps 3] [--threads 2] [--compile [--backend inductor]]
+       python bench/overhead.py --profile | --fused-vs-unfused [--threads 2]
 Smoke (seconds, proves the code path, not a measurement): --rounds 1 --steps 1 --batch 2 --seq 8
 --out /tmp/overhead-smoke.json
 """
@@ -151,7 +156,15 @@ INFER_MODELS = {"base": full_model, "peftlab_lora": lambda: peftlab_model("lora"
 FUSED_STEP_MODELS = {f"peftlab_{m}_{kind}": (lambda m=m, fused=kind == "fused": peftlab_model(m, fused))
                      for m in ("lora", "dora") for kind in ("fused", "unfused")}
 FUSED_INFER_MODELS = {k: v for k, v in FUSED_STEP_MODELS.items() if "lora" in k}
-GOALS = {"lora_step_vs_peft_lora": 0.93, "lora_infer_vs_base": 1.10, "dora_step_vs_lora": 1.10}
+# issue 21's goals: each ratio at most this; the last one is LoRA's step / full step minus IA3's (IA3: the
+# almost free adapter, so the difference is what LoRA's low-rank path costs beyond touching every site)
+GOALS = {"lora_step_vs_peft_lora": 0.90, "lora_infer_vs_base": 1.05, "dora_step_vs_lora": 1.05,
+         "lora_vs_full_minus_ia3_vs_full": 0.05}
+PROFILED = {  # workload -> (model, make): the steps and inferences the --profile tables break down
+    "step full": (full_model, make_stepper), "step peftlab_lora": (lambda: peftlab_model("lora"), make_stepper),
+    "step peft_ia3": (lambda: peft_model(ia3=True), make_stepper), "step peftlab_dora": (lambda: peftlab_model("dora"), make_stepper),
+    "inference base": (full_model, make_inferer), "inference peftlab_lora": (lambda: peftlab_model("lora"), make_inferer),
+}
 
 
 def workloads(make, models: dict, shape: tuple[int, int], backend: str | None) -> tuple[dict, dict[str, int]]:
@@ -182,6 +195,7 @@ def ratio_table(step: dict[str, float], infer: dict[str, float]) -> dict[str, fl
         "peft_lora_infer_vs_base": infer["peft_lora"] / infer["base"],
         "dora_step_vs_lora": step["peftlab_dora"] / step["peftlab_lora"],
         "peft_dora_step_vs_peft_lora": step["peft_dora"] / step["peft_lora"],
+        "lora_vs_full_minus_ia3_vs_full": (step["peftlab_lora"] - step["peft_ia3"]) / step["full"],
     }
 
 
@@ -204,6 +218,29 @@ def fused_vs_unfused(shape: tuple[int, int], rounds: int, steps: int) -> dict:
     return {"seconds_per_step": step_s, "seconds_per_inference": infer_s, "ratios": ratios}
 
 
+def profile(shape: tuple[int, int], steps: int, rows: int = 12) -> dict:
+    """torch.profiler's operators of each PROFILED workload over `steps` calls (after a warm-up): the
+    `rows` with the most self CPU time, in ms per call, and the total, so that two workloads' tables
+    show which operators make the difference between them."""
+    from torch.profiler import ProfilerActivity, profile as profiled
+
+    tables = {}
+    for name, (model, make) in PROFILED.items():
+        fn = make(model(), shape)
+        fn()
+        with profiled(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 1000 / steps
+        tables[name] = {"total_ms": total,
+                        "top": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000 / steps, "calls": e.count // steps}
+                                for e in events[:rows]]}
+        print(f"{name}: {total:.0f} ms per call; " + ", ".join(f"{t['op']} {t['self_ms']:.0f}" for t in tables[name]["top"][:5]),
+              flush=True)
+    return tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -215,6 +252,8 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile's backend with --compile")
     parser.add_argument("--fused-vs-unfused", action="store_true",
                         help="only peftlab's LoRA and DoRA with the stacked path on and off")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the operator profiles of the step and inference workloads (results/overhead_profile.json)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: results/overhead.json (results/overhead_fused.json with --fused-vs-unfused)")
     args = parser.parse_args()
@@ -222,6 +261,12 @@ def main() -> None:
     torch.manual_seed(0)
     shape, backend = (args.batch, args.seq), args.backend if args.compile else None
     results = Path(__file__).parent / "results"
+    if args.profile:
+        result = {"setup": {"model": "all-MiniLM-L6-v2", "batch": args.batch, "seq": args.seq, "rank": RANK,
+                            "threads": args.threads, "steps": args.steps, "statistic": "self CPU time per call"},
+                  "profiles": profile(shape, args.steps)}
+        files.write_json(args.out or results / "overhead_profile.json", result)
+        return
     if args.fused_vs_unfused:
         result = {"setup": {"model": "all-MiniLM-L6-v2", "batch": args.batch, "seq": args.seq, "rank": RANK,
                             "threads": args.threads, "rounds": args.rounds, "steps_per_round": args.steps},

@@ -106,7 +106,8 @@ def test_svd_matches_peft(tmp_path, rank):
     for site, adapter in peftlab.adapters(model, "ab").items():
         A, B, scale = peft_sites[site]
         assert adapter.A.shape == A.shape == ((rank or 4), 32)
-        torch.testing.assert_close(adapter.delta_weight(), scale * B @ A, atol=1e-6, rtol=0)
+        # two SVDs of the same matrix: equal to float rounding (observed up to 4e-6 relative)
+        torch.testing.assert_close(adapter.delta_weight(), scale * B @ A, atol=1e-6, rtol=1e-5)
     if rank is None:  # rank 4 holds the sum of a rank-4 and a rank-2 change only approximately, rank 6 exactly
         exact = peftlab.combine(model, WEIGHTS, method="svd", name="r6", rank=6)
         wanted = weighted_sum(model)

@@ -79,10 +79,25 @@ def test_peftlab_train_chatterbot(name, tmp_path, capsys):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
+def _assert_same_greedy_up_to_ties(model, cached: torch.Tensor, uncached: torch.Tensor, name: str) -> None:
+    """(1, length) greedy generations with and without the KV cache agree token by token, but where the
+    two paths, which round differently, met a tie: at their first difference both chosen tokens' logits in
+    the uncached forward over the tokens so far must be within 1e-3 (relative) of the best one; after it
+    they may part. (Observed: p_tuning_v2's virtual tokens, scaled by 20, part at the 16th new token with
+    logits 21.215 and 21.223. A broken cache parts at the first token, far from a tie.)"""
+    different = (cached != uncached).nonzero()
+    if len(different) == 0:
+        return
+    first = int(different[0, 1])
+    logits = model(input_ids=cached[:, :first]).logits[0, -1]  # (vocab,)
+    chosen = logits[[int(cached[0, first]), int(uncached[0, first])]]
+    assert torch.allclose(chosen, logits.max().expand(2), atol=0, rtol=1e-3), (name, first, chosen, logits.max())
+
+
 @pytest.mark.slow
 def test_smollm2_generates_with_each_virtual_token_method():
     """The real SmolLM2-135M: with each method attached, greedy generation with the KV cache equals
-    generation without it, and the adapter changes what is generated (its virtual tokens scaled up
+    generation without it (up to float ties between the best two tokens), and the adapter changes what is generated (its virtual tokens scaled up
     so that they visibly steer a 135M model); after detach the base model's tokens come back."""
     from peftlab.recipe import models
 
@@ -100,7 +115,7 @@ def test_smollm2_generates_with_each_virtual_token_method():
                 p.mul_(20)
             cached, uncached = _generate(model, batch, use_cache=True), _generate(model, batch, use_cache=False)
             assert cached.shape == (1, prompt_length + 16), name
-            assert torch.equal(cached, uncached), name
+            _assert_same_greedy_up_to_ties(model, cached, uncached, name)
             assert not torch.equal(cached, plain), name
             peftlab.detach(model)
         assert torch.equal(_generate(model, batch, use_cache=True), plain)  # detached: the base model again

@@ -230,6 +230,25 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(r
     _assert_same_trajectory(run_dir, tmp_path / "run")
 
 
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same_steps(reference, tmp_path, monkeypatch):
+    """train.gradient_checkpointing: transformers' checkpoint wraps each encoder layer (counted here), and
+    the recomputed forward gives the uninterrupted run's losses and adapter (dropout replays its RNG)."""
+    import transformers.modeling_utils as modeling
+
+    calls = []
+    real = modeling.checkpoint  # torch.utils.checkpoint.checkpoint, as transformers imported it
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "checkpoint", counted)
+    run = _run(tmp_path, "checkpointed", **{"train.gradient_checkpointing": True})
+    train.train(run, echo=lambda *a: None)
+    assert calls and set(calls) == {False}  # non-reentrant: the frozen embeddings need no input gradients
+    _assert_same_trajectory(reference[0], tmp_path / "checkpointed")
+
+
 def test_optimizer_state_round_trips_through_safetensors_and_json():
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     for opt_class, kwargs in ((torch.optim.AdamW, {"betas": (0.8, 0.9)}), (torch.optim.SGD, {"momentum": 0.9})):

@@ -101,6 +101,9 @@ class Train:
     calibration_batches: int = 8  # training batches handed to data-driven initialisations
     progress: bool = True  # progress bars
     group_by_length: bool = False  # batches of similar lengths: less padding, less compute
+    # recompute each transformer layer's activations in the backward instead of keeping them
+    # (transformers' non-reentrant checkpointing): activation memory of one layer, about a third more compute
+    gradient_checkpointing: bool = False
 
 
 NOISE_KINDS = ("uniform", "class_dependent")

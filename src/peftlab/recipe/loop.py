@@ -318,6 +318,9 @@ def training_arguments(train: Train, schedule: Schedule, lr: float, seed: int, c
         report_to="none",
         disable_tqdm=not train.progress,
         remove_unused_columns=False,
+        activation_checkpointing=train.gradient_checkpointing,
+        # non-reentrant: gradients reach the adapters even though the frozen embeddings' outputs need none
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),

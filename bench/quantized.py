@@ -3,7 +3,9 @@
 Three runs of the training recipe, each in its own spawned process so one's peak does not hide
 another's: the base in fp32, in int8 and in NF4 (peftlab.quantize, bitsandbytes), LoRA r = 8 on
 every linear layer but the (tied) head, the same seed, data and `--steps` optimizer steps, with
-gradient checkpointing (as QLoRA trains; --no-gradient-checkpointing keeps every activation).
+gradient checkpointing and micro-batches of 2 accumulated to 8 examples a step (as QLoRA trains:
+the activations and the (2, 128, 49152) logits stay small, so the weights, which quantization
+shrinks, are a visible part of the peak; --no-gradient-checkpointing and --micro-batch 8 undo it).
 
   peak_rss_mb           getrusage's maximum RSS of the whole run, loading included. A quantized base
                         loads layer by layer (recipe/models.py): never in fp32, at most one fp32
@@ -39,14 +41,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SCHEMES = ("fp32", "int8", "nf4")
 GOAL_RSS_RATIO, GOAL_LOSS_GAP = 0.5, 0.05
+BATCH = 8  # examples per optimizer step
 
 
-def run_config(scheme: str, steps: int, output: Path, limit: int | None = None,
-               checkpointing: bool = True) -> list[str]:
-    """--set overrides of one run: the same everything but the base's quantization (limit: examples, for a smoke)."""
+def run_config(scheme: str, steps: int, output: Path, limit: int | None = None, checkpointing: bool = True,
+               micro_batch: int = BATCH) -> list[str]:
+    """--set overrides of one run: the same everything but the base's quantization (limit: examples, for a
+    smoke). Each step takes BATCH examples, in BATCH // micro_batch forward/backward passes."""
     model = "smollm2-135m" if scheme == "fp32" else f"{{name: smollm2-135m, quantize: {scheme}}}"
     return [f"model={model}", "task=chatterbot", "method={name: lora, r: 8, alpha: 16, targets: all-linear}",
-            "optimizer.lr=2e-4", "data.max_length=128", "train.batch_size=8",
+            "optimizer.lr=2e-4", "data.max_length=128", f"train.batch_size={micro_batch}", f"train.grad_accum={BATCH // micro_batch}",
             # eval batches of 8 too: at the default 64, eval's (64, 128, 49152) fp32 logits (1.6 GB) set the peak
             "train.eval_batch_size=8", f"train.steps={steps}",
             f"train.save_every={max(steps, 1)}", f"train.log_every={max(steps // 10, 1)}", "train.progress=false",
@@ -66,8 +70,8 @@ def _vm_hwm_mb() -> float:
     return float("nan")
 
 
-def measure(scheme: str, steps: int, limit: int | None, checkpointing: bool, results) -> None:
-    """One run, in this (spawned) process; its figures go to `results`."""
+def measure(scheme: str, steps: int, limit: int | None, options: dict, results) -> None:
+    """One run, in this (spawned) process (options: run_config's memory settings); its figures go to `results`."""
     import gc
 
     from peftlab.recipe import config as runconfig, models, trainer
@@ -84,7 +88,7 @@ def measure(scheme: str, steps: int, limit: int | None, checkpointing: bool, res
 
     models.load = load_then_reset  # the trainer calls models.load(...) through the module
     with tempfile.TemporaryDirectory() as scratch:
-        summary = trainer.train(runconfig.build(None, run_config(scheme, steps, Path(scratch) / "run", limit, checkpointing)),
+        summary = trainer.train(runconfig.build(None, run_config(scheme, steps, Path(scratch) / "run", limit, **options)),
                                 echo=lambda *a: None)
     test = summary["metrics"].get("test", {})
     results[scheme] = {
@@ -148,17 +152,21 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="recompute activations in the backward (QLoRA's setting; default on): the weights, "
                              "which quantization shrinks, rather than the activations set the peak")
+    parser.add_argument("--micro-batch", type=int, default=2, choices=(1, 2, 4, 8),
+                        help=f"examples per forward/backward pass (default 2: {BATCH} // 2 accumulated passes a step); "
+                             "the (micro_batch, 128, 49152) logits and their gradients are the largest tensors")
     parser.add_argument("--limit", type=int, help="use this many examples only (a smoke run; not for the record)")
     args = parser.parse_args()
     schemes = args.schemes.split(",")
     unknown = sorted(set(schemes) - set(SCHEMES))
     if unknown:
         parser.error(f"unknown scheme(s) {unknown}: use {', '.join(SCHEMES)}")
+    options = {"checkpointing": args.gradient_checkpointing, "micro_batch": args.micro_batch}
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         results = manager.dict()
         for scheme in schemes:
-            process = context.Process(target=measure, args=(scheme, args.steps, args.limit, args.gradient_checkpointing, results))
+            process = context.Process(target=measure, args=(scheme, args.steps, args.limit, options, results))
             process.start()
             process.join()
             if process.exitcode != 0:
@@ -166,7 +174,7 @@ def main() -> None:
             print(scheme, dict(results[scheme]), flush=True)
         results = {s: dict(results[s]) for s in schemes}
     record = {"model": "smollm2-135m", "task": "chatterbot", "method": "lora r=8 all-linear", "steps": args.steps,
-              "limit": args.limit, "gradient_checkpointing": args.gradient_checkpointing,
+              "limit": args.limit, "batch": BATCH, **options,
               "results": results, "against_fp32": compare(results),
               "goal": {"nf4_rss_ratio_at_most": GOAL_RSS_RATIO, "nf4_loss_gap_at_most": GOAL_LOSS_GAP},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}

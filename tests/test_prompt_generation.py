@@ -97,8 +97,9 @@ def _assert_same_greedy_up_to_ties(model, cached: torch.Tensor, uncached: torch.
 @pytest.mark.slow
 def test_smollm2_generates_with_each_virtual_token_method():
     """The real SmolLM2-135M: with each method attached, greedy generation with the KV cache equals
-    generation without it (up to float ties between the best two tokens), and the adapter changes what is generated (its virtual tokens scaled up
-    so that they visibly steer a 135M model); after detach the base model's tokens come back."""
+    generation without it (up to float ties between the best two tokens), and the adapter changes what
+    is generated (its virtual tokens scaled up so that they visibly steer a 135M model); after detach
+    the base model's tokens come back."""
     from peftlab.recipe import models
 
     model, tokenizer = models.load("smollm2-135m", "sft")

@@ -16,7 +16,8 @@ shrinks, are a visible part of the peak; --no-gradient-checkpointing and --micro
                         training on the base holds
   s_per_step            training time / steps (the recipe's own timing)
   answer_loss           the held-out (test split) loss on the answer tokens after training
-  runtime_rss_mb        the RSS of the process before the model loads (python, torch, transformers):
+  runtime_rss_mb        the RSS of the process before the model loads (python, torch, transformers, and
+                        bitsandbytes for a quantized base; the committed record predates that):
                         a floor no quantization lowers; rss_above_runtime_ratio compares what is above it
   rss_ratio, loss_gap   against fp32 (goal, issue 21: NF4 peak RSS <= 0.5 of fp32 at an answer loss
                         within 0.05)
@@ -76,6 +77,8 @@ def measure(scheme: str, steps: int, limit: int | None, options: dict, results) 
 
     from peftlab.recipe import config as runconfig, models, trainer
 
+    if scheme != "fp32":
+        import bitsandbytes  # noqa: F401  (its import, about 120 MB, belongs to a quantized run's floor)
     runtime_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # python, torch, transformers: no model yet
 
     load = models.load

@@ -4,8 +4,8 @@ Three runs of the training recipe, each in its own spawned process so one's peak
 another's: the base in fp32, in int8 and in NF4 (peftlab.quantize, bitsandbytes), LoRA r = 8 on
 every linear layer but the (tied) head, the same seed, data and `--steps` optimizer steps, with
 gradient checkpointing and micro-batches of 2 accumulated to 8 examples a step (as QLoRA trains:
-the activations and the (2, 128, 49152) logits stay small, so the weights, which quantization
-shrinks, are a visible part of the peak; --no-gradient-checkpointing and --micro-batch 8 undo it).
+the activations and the (2, 128, 49152) logits stay small; --no-gradient-checkpointing and
+--micro-batch 8 undo it). Measured, neither moved the peaks much (docs/findings.md).
 
   peak_rss_mb           getrusage's maximum RSS of the whole run, loading included. A quantized base
                         loads layer by layer (recipe/models.py): never in fp32, at most one fp32

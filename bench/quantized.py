@@ -153,8 +153,7 @@ def main() -> None:
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute activations in the backward (QLoRA's setting; default on): the weights, "
-                             "which quantization shrinks, rather than the activations set the peak")
+                        help="recompute activations in the backward (QLoRA's setting; default on)")
     parser.add_argument("--micro-batch", type=int, default=2, choices=(1, 2, 4, 8),
                         help=f"examples per forward/backward pass (default 2: {BATCH} // 2 accumulated passes a step); "
                              "the (micro_batch, 128, 49152) logits and their gradients are the largest tensors")

